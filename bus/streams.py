@@ -1,0 +1,152 @@
+"""Stream and consumer definitions, and idempotent provisioning.
+
+Source: DESIGN.md, "Events" and "Delivery". ``LETTA_EVENTS`` keeps every event (limits retention, file storage,
+``max_age`` = the replay window, 2-minute duplicate window). ``LETTA_WEBHOOKS`` keeps per-endpoint delivery tasks;
+it is deliberately not a WorkQueue stream (nats-server #7817 lost messages with R3 WorkQueue on 2.12.3/4).
+
+Provisioning creates what is missing and updates what differs; it compares by JetStream error code (10058 stream
+name in use with another config, 10126 consumer replicas above the stream's while a stream scales up), never by
+message text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import APIError
+
+from config.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ERR_STREAM_NAME_IN_USE = 10058
+ERR_STREAM_NOT_FOUND = 10059
+ERR_CONSUMER_REPLICAS_EXCEED_STREAM = 10126
+
+#: Bytes allowed for headers on top of ``max_event_bytes`` in the events stream's ``max_msg_size``.
+HEADER_ROOM = 16 * 1024
+
+#: Redeliveries of one event to the fan-out before JetStream gives up on it (it naks with growing delays).
+FANOUT_MAX_DELIVER = 100
+
+
+def events_stream_config(settings: Settings) -> StreamConfig:
+    """``LETTA_EVENTS``: subjects ``letta.>``; ``max_age`` from ``events_max_age_s`` (seconds)."""
+    return StreamConfig(
+        name=settings.events_stream,
+        description="Letta agent lifecycle events (envelope JSON, one subject per event type). Replay window = max_age.",
+        subjects=[f"{settings.subject_prefix}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        num_replicas=settings.stream_replicas,
+        max_age=settings.events_max_age_s,
+        duplicate_window=settings.duplicate_window_s,
+        max_msg_size=settings.max_event_bytes + HEADER_ROOM,  # the server counts headers, the limit is on bodies
+        metadata={"letta_bus.role": "events", "letta_bus.envelope": "event_id,event_type,timestamp,agent_id,organization_id,data"},
+    )
+
+
+def supports_schedules(nc: Client) -> bool:
+    """True when the connected server runs JetStream message schedules (ADR-51: nats-server >= 2.12)."""
+    version = nc.connected_server_version
+    return (version.major, version.minor) >= (2, 12)
+
+
+def webhooks_stream_config(settings: Settings, *, schedules: bool = True) -> StreamConfig:
+    """``LETTA_WEBHOOKS``: subjects ``letta_webhooks.>``: ``deliveries.<endpoint_id>`` tasks,
+    ``schedules.<endpoint_id>.<seq>`` retries waiting for their time, ``dead.<endpoint_id>`` dead letters and
+    ``endpoint.disabled`` operational events. Tasks must outlive the retry schedule, so ``max_age`` is twice the
+    replay window. ``schedules`` enables message schedules (pass :func:`supports_schedules`)."""
+    return StreamConfig(
+        name=settings.webhooks_stream,
+        description="Webhook delivery tasks (deliveries.<endpoint_id>), scheduled retries (schedules.>), "
+        "dead letters (dead.<endpoint_id>) and operational events (endpoint.>).",
+        allow_msg_schedules=True if schedules else None,
+        subjects=[f"{settings.webhooks_subject_prefix}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        num_replicas=settings.stream_replicas,
+        max_age=2 * settings.events_max_age_s,
+        duplicate_window=settings.duplicate_window_s,
+        metadata={"letta_bus.role": "webhook-deliveries"},
+    )
+
+
+def fanout_consumer_config(settings: Settings) -> ConsumerConfig:
+    """Durable ``webhook-fanout`` on ``LETTA_EVENTS``: turns each event into one delivery task per endpoint."""
+    return ConsumerConfig(
+        durable_name=settings.fanout_durable,
+        name=settings.fanout_durable,
+        description="letta-bus dispatcher: event -> one delivery task per matching endpoint",
+        deliver_policy=DeliverPolicy.NEW,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=FANOUT_MAX_DELIVER,
+        max_ack_pending=settings.max_ack_pending,
+        filter_subject=f"{settings.subject_prefix}.>",
+        num_replicas=settings.stream_replicas,
+    )
+
+
+def sender_consumer_config(settings: Settings) -> ConsumerConfig:
+    """Durable ``webhook-sender`` on ``LETTA_WEBHOOKS``: POSTs each delivery task; ``max_deliver`` = attempts."""
+    return ConsumerConfig(
+        durable_name=settings.sender_durable,
+        name=settings.sender_durable,
+        description="letta-bus dispatcher: signed HTTP POST of each delivery task",
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=settings.max_attempts,
+        max_ack_pending=settings.max_ack_pending,
+        filter_subject=f"{settings.webhooks_subject_prefix}.deliveries.>",
+        num_replicas=settings.stream_replicas,
+    )
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create the stream, or update it when it exists with another config. Raises ``nats.js.errors.APIError``
+    when the server refuses both (e.g. subjects overlapping another stream, or a change it cannot apply)."""
+    try:
+        await js.add_stream(config)
+        return
+    except APIError as exc:
+        if exc.err_code != ERR_STREAM_NAME_IN_USE:
+            raise
+    log.info("stream %s exists with another config; updating it", config.name)
+    await js.update_stream(config)
+
+
+async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig, *, wait_s: float = 10.0) -> None:
+    """Create the durable consumer or update it in place (the server's create-or-update). Raises
+    ``nats.js.errors.APIError`` when the change is not allowed (e.g. a different deliver_policy).
+
+    A stream that was just given more replicas (R1 -> R3 on a cluster) takes a moment (about 0.2 s here) to add
+    them, and until then the server refuses a consumer with as many replicas (error 10126): that refusal is retried
+    for at most ``wait_s`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    delay = 0.05
+    while True:
+        try:
+            await js.add_consumer(stream, config)
+            return
+        except APIError as exc:
+            if exc.err_code != ERR_CONSUMER_REPLICAS_EXCEED_STREAM or loop.time() + delay > deadline:
+                raise
+        log.info("stream %s is still adding replicas; retrying consumer %s in %.2f s", stream, config.name, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.5)
+
+
+async def provision(js: JetStreamContext, settings: Settings, *, schedules: bool = True) -> None:
+    """Create or update both streams and the dispatcher's two durable consumers. Idempotent. ``schedules``:
+    see :func:`webhooks_stream_config`."""
+    await ensure_stream(js, events_stream_config(settings))
+    await ensure_stream(js, webhooks_stream_config(settings, schedules=schedules))
+    await ensure_consumer(js, settings.events_stream, fanout_consumer_config(settings))
+    await ensure_consumer(js, settings.webhooks_stream, sender_consumer_config(settings))
