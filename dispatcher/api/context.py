@@ -1,0 +1,49 @@
+"""What the API's routes work with: settings, store, NATS connection, the accepted keys, and the dispatcher
+running in the same process (None when the API runs without one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from config.settings import Settings
+from dispatcher.control import announce_change
+from dispatcher.store import Store
+
+if TYPE_CHECKING:
+    from dispatcher.service import Dispatcher
+
+
+@dataclass
+class ApiContext:
+    """Shared by every request. ``api_keys`` are the plaintext bearer keys accepted (see :mod:`.auth`)."""
+
+    settings: Settings
+    store: Store
+    nc: Client
+    api_keys: list[str] = field(default_factory=list)
+    dispatcher: "Dispatcher | None" = None
+
+    @property
+    def js(self) -> JetStreamContext:
+        """A JetStream context on :attr:`nc`."""
+        return self.nc.jetstream()
+
+    async def changed(self, endpoint_id: str, change: str) -> None:
+        """Announce an endpoint write to every dispatcher (:mod:`dispatcher.control`); never raises. The local
+        dispatcher, if any, also reloads right here, so the change applies before the response is sent."""
+        await announce_change(self.nc, self.settings.control_subject, endpoint_id, change)
+        if self.dispatcher is not None:
+            try:
+                await self.dispatcher.endpoints.refresh()
+            except Exception:  # noqa: BLE001 - the notice and the periodic refresh follow
+                pass
+
+
+def get_ctx(request: Request) -> ApiContext:
+    """FastAPI dependency: the :class:`ApiContext` of the app."""
+    return request.app.state.ctx
