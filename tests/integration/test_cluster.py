@@ -130,30 +130,41 @@ async def test_streams_and_consumers_get_three_replicas(cluster, tmp_path):
         assert (await js.stream_info(settings.events_stream)).config.num_replicas == 1
         await provision(js, settings, schedules=supports_schedules(nc))
         await provision(js, settings, schedules=supports_schedules(nc))
-        names = {n.server_name for n in cluster.nodes}
-
-        def on_every_node(info) -> bool:
-            """R3, a leader, and a current replica on each of the other two nodes (scaling up settles in ~1 s)."""
-            if info.cluster is None or info.cluster.leader is None:
-                return False
-            peers = info.cluster.replicas or []
-            return (info.config.num_replicas == 3
-                    and {info.cluster.leader, *(p.name for p in peers)} == names and all(p.current for p in peers))
-
-        for stream in (settings.events_stream, settings.webhooks_stream):
-            await wait_until(lambda: _settled(js.stream_info(stream), on_every_node), 15, interval_s=0.1,
-                             what=f"{stream} replicated on every node")
-        for stream, durable in ((settings.events_stream, settings.fanout_durable),
-                                (settings.webhooks_stream, settings.sender_durable)):
-            await wait_until(lambda: _settled(js.consumer_info(stream, durable), on_every_node), 15, interval_s=0.1,
-                             what=f"{durable} replicated on every node")
+        await _healed(js, cluster, settings, timeout_s=15)
     finally:
         await nc.close()
 
 
 async def _settled(info_call, predicate) -> bool:
-    info = await info_call
+    """``predicate(await info_call)``; False when the request fails (no leader answers during an election)."""
+    try:
+        info = await info_call
+    except Exception:  # nats.errors.TimeoutError / NoRespondersError / APIError while a leader is being elected
+        return False
     return predicate(info)
+
+
+def _replicated_on(names: set[str]):
+    """A predicate on StreamInfo/ConsumerInfo: R3, a leader, and every other node a current replica."""
+    def on_every_node(info) -> bool:
+        if info.cluster is None or info.cluster.leader is None:
+            return False
+        peers = info.cluster.replicas or []
+        return (info.config.num_replicas == 3
+                and {info.cluster.leader, *(p.name for p in peers)} == names and all(p.current for p in peers))
+
+    return on_every_node
+
+
+async def _healed(js, cluster: LocalCluster, settings: Settings, timeout_s: float = 30.0) -> None:
+    """Wait until both streams and both durables have a leader and a current replica on every node again."""
+    on_every_node = _replicated_on({n.server_name for n in cluster.nodes})
+    for stream, durable in ((settings.events_stream, settings.fanout_durable),
+                            (settings.webhooks_stream, settings.sender_durable)):
+        await wait_until(lambda: _settled(js.stream_info(stream), on_every_node), timeout_s, interval_s=0.1,
+                         what=f"{stream} replicated on every node")
+        await wait_until(lambda: _settled(js.consumer_info(stream, durable), on_every_node), timeout_s,
+                         interval_s=0.1, what=f"{durable} replicated on every node")
 
 
 async def _leader(js, stream: str) -> str:
@@ -208,6 +219,7 @@ async def test_stream_leaders_sigkilled_during_publishing_and_delivery_lose_noth
             await asyncio.sleep(2.0)  # the survivors elect new leaders while publishing and delivery go on
             await asyncio.to_thread(node.start)
             await asyncio.to_thread(cluster.wait_meta_leader, 20)
+            await _healed(js, cluster, settings)  # the restarted node has caught up before the next kill
 
         accepted = await asyncio.wait_for(publishing, 100)
         assert not paced.abandoned, f"{len(paced.abandoned)} events never acknowledged"
@@ -217,6 +229,7 @@ async def test_stream_leaders_sigkilled_during_publishing_and_delivery_lose_noth
             return set(accepted) <= set(received_counts(receiver))
 
         await wait_until(all_delivered, 60, interval_s=0.2, what="every acknowledged event delivered")
+        await _healed(js, cluster, settings)  # R3 again on every node, and no election under the reads below
 
         stored = await stream_msg_ids(js, settings.events_stream, f"{settings.subject_prefix}.>")
         assert sorted(stored) == sorted(accepted), "the stream holds each acknowledged event exactly once"
@@ -225,9 +238,6 @@ async def test_stream_leaders_sigkilled_during_publishing_and_delivery_lose_noth
         # at most the messages in flight at the two failovers come again (a POST whose ack was lost)
         assert duplicates(counts) <= 2 * settings.max_ack_pending
         assert all(r.letta_verified and r.standard_verified for r in receiver.received)
-        for stream in (settings.events_stream, settings.webhooks_stream):
-            info = await js.stream_info(stream)
-            assert info.config.num_replicas == 3
         print(f"killed {killed}; {paced.unacknowledged} publishes retried; duplicates {duplicates(counts)}")
     finally:
         if dispatcher is not None:
