@@ -7,7 +7,8 @@ errors -> nak with backoff); ``tail`` prints live events for operators.
 """
 
 from subscribers.outcomes import Reject, Retry, SubscriberStats
-from subscribers.runner import Event, Start, Subscriber, start_config
+from subscribers.event import Event, Start, start_config
+from subscribers.runner import Subscriber
 from subscribers.tail import format_event, tail
 
 __all__ = [

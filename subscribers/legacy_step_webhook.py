@@ -32,7 +32,8 @@ from nats.aio.client import Client
 from bus.retry_after import parse_retry_after
 from config.settings import Settings
 from subscribers.outcomes import Reject, Retry
-from subscribers.runner import Event, Start, Subscriber
+from subscribers.event import Event, Start
+from subscribers.runner import Subscriber
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from nats.js.api import ConsumerConfig
 from bus.connection import connect
 from bus.envelope import decode
 from config.settings import Settings
-from subscribers.runner import Start, start_config
+from subscribers.event import Start, start_config
 
 MAX_STRING = 40
 MAX_ITEMS = 5
