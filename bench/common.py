@@ -17,8 +17,14 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from nats.js.api import ConsumerConfig, StreamConfig  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
+
 from bus.publisher import EventPublisher  # noqa: E402
+from bus.streams import provision  # noqa: E402
 from config.settings import Settings  # noqa: E402
+from dispatcher.models import Delivery  # noqa: E402
+from dispatcher.store import Store  # noqa: E402
 
 BIN = Path(sys.executable).parent
 DATA = {"step_id": "step-00000000-0000-4000-8000-000000000000", "status": "success",
@@ -134,3 +140,29 @@ async def publish_events(publisher: EventPublisher, agents: list[str], n: int, w
 async def publish_raw(js, subject: str, n: int, window: int = 256) -> None:  # noqa: ANN001
     for start in range(0, n, window):
         await asyncio.gather(*(js.publish(subject, RAW_BODY) for _ in range(start, min(n, start + window))))
+
+
+async def raw_backlog(js, n: int) -> None:  # noqa: ANN001
+    """The raw baseline's input: stream ``RAW`` (``raw.>``), durable ``raw``, holding ``n`` envelopes."""
+    await js.add_stream(StreamConfig(name="RAW", subjects=["raw.>"]))
+    await js.add_consumer("RAW", ConsumerConfig(durable_name="raw", ack_wait=30, max_ack_pending=1000))
+    await publish_raw(js, "raw.agent.step.completed", n)
+
+
+async def agents_with_webhooks(js, settings: Settings, base: str, count: int) -> tuple[Store, list[str]]:  # noqa: ANN001
+    """Provision letta-bus's streams and durables, create the store's schema and give ``count`` agents a webhook
+    at ``<base>/<agent>``. Returns the store (close it) and the agent ids."""
+    await provision(js, settings)
+    store = Store.from_settings(settings)
+    await store.create_schema()
+    agents = [f"agent-{i:04d}" for i in range(count)]
+    for agent in agents:
+        await store.set_agent_webhook(agent, url=f"{base}/{agent}")
+    return store, agents
+
+
+async def succeeded_rows(store: Store) -> int:
+    """Delivery rows with status ``succeeded``."""
+    async with store.session() as s:
+        return (await s.execute(select(func.count()).select_from(Delivery)
+                                .where(Delivery.status == "succeeded"))).scalar_one()

@@ -27,20 +27,15 @@ import time
 from pathlib import Path
 
 import httpx
-from nats.js.api import ConsumerConfig, StreamConfig
-from sqlalchemy import func, select
 
 from common import (  # noqa: I001 - bench/ is on sys.path when run as a script
-    cpu_of, per_cpu, publish_events, publish_raw, rate, start_dispatcher, start_raw, start_receiver, stop,
-    wait_count,
+    agents_with_webhooks, cpu_of, per_cpu, publish_events, raw_backlog, rate, start_dispatcher, start_raw,
+    start_receiver, stop, succeeded_rows, wait_count,
 )
 from bus.connection import connect
 from bus.embedded import EmbeddedServer
 from bus.publisher import EventPublisher
-from bus.streams import provision
 from config.settings import Settings
-from dispatcher.models import Delivery
-from dispatcher.store import Store
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -57,9 +52,7 @@ async def run(args: argparse.Namespace) -> None:
     try:
         async with httpx.AsyncClient(timeout=30) as client:
             # 1. raw baseline: two processes on one durable
-            await js.add_stream(StreamConfig(name="RAW", subjects=["raw.>"]))
-            await js.add_consumer("RAW", ConsumerConfig(durable_name="raw", ack_wait=30, max_ack_pending=1000))
-            await publish_raw(js, "raw.agent.step.completed", n)
+            await raw_backlog(js, n)
             procs = [start_raw(server.url, "RAW", "raw", base, n) for _ in range(2)]
             stats = await wait_count(client, base, n, 300, [p.pid for p in procs])
             raw_per_s = rate(stats)
@@ -70,12 +63,7 @@ async def run(args: argparse.Namespace) -> None:
             await client.post(f"{base}/reset")
 
             # 2. letta-bus: two dispatcher processes
-            await provision(js, settings)
-            store = Store.from_settings(settings)
-            await store.create_schema()
-            agents = [f"agent-{i:04d}" for i in range(args.agents)]
-            for agent in agents:
-                await store.set_agent_webhook(agent, url=f"{base}/{agent}")
+            store, agents = await agents_with_webhooks(js, settings, base, args.agents)
             publisher = EventPublisher(settings, nc)
             t = time.perf_counter()
             await publish_events(publisher, agents, n)
@@ -86,9 +74,7 @@ async def run(args: argparse.Namespace) -> None:
             shares = [cpu_of([p.pid]) for p in procs]
             await asyncio.sleep(3.0)  # a duplicate would come now at the latest (acks are written within 50 ms)
             final = (await client.get(f"{base}/stats")).json()
-            async with store.session() as s:
-                rows = (await s.execute(select(func.count()).select_from(Delivery)
-                                        .where(Delivery.status == "succeeded"))).scalar_one()
+            rows = await succeeded_rows(store)
             await store.close()
             for i, p in enumerate(procs):
                 stop(p, wait_s=30)
