@@ -17,6 +17,13 @@ more than ``max_backlog`` records without a callback are queued, so a backlog of
 a backlog in memory, and acks never wait behind it (the sender's ``max_ack_pending`` would stall it). A pending row
 queued behind such a backlog may be written after the attempt's row; the upsert keeps the attempt's.
 
+A failing write (the database is down or refuses) is retried with backoff (0.1 s doubling to 2 s) for up to
+``give_up_s`` seconds; meanwhile no ack goes out, so the sender stops fetching at its ``max_ack_pending``. The
+dispatcher sets ``give_up_s`` to half of ``ack_wait_s``: past it, the batch's acks go out without its rows (they
+are counted in ``letta_bus_history_records_lost_total`` and logged), because holding them longer would make
+JetStream redeliver every message in flight and POST it again: a storm of duplicate webhooks is worse for
+receivers than a gap in the history.
+
 The rows are written as two ``executemany`` of statements compiled once per writer (an upsert of ``deliveries``,
 an insert of ``attempts``) with driver-ready tuples: going through SQLAlchemy's per-row parameter processing was
 about a fifth of the dispatcher's CPU at a few thousand deliveries per second.
@@ -36,6 +43,7 @@ from sqlalchemy import insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from dispatcher.metrics import HISTORY_LOST
 from dispatcher.models import Attempt, Delivery, DeliveryStatus, utcnow
 from dispatcher.store import Store
 
@@ -70,14 +78,14 @@ class DeliveryRecord:
 class HistoryWriter:
     """Queues :class:`DeliveryRecord` s and writes them in batches; ``start()`` / ``stop()`` bracket its task."""
 
-    def __init__(self, store: Store, *, flush_s: float = 0.05, batch: int = 1000, retries: int = 3,
+    def __init__(self, store: Store, *, flush_s: float = 0.05, batch: int = 1000, give_up_s: float = 15.0,
                  pending_hold_s: float = 1.0, max_backlog: int | None = None) -> None:
         self.store = store
         self.flush_s = flush_s
         self.pending_hold_s = pending_hold_s
         self._held: dict[str, tuple[float, DeliveryRecord]] = {}  # delivery id -> (monotonic time, pending record)
         self.batch = batch
-        self.retries = retries
+        self.give_up_s = give_up_s
         self.max_backlog = max_backlog if max_backlog is not None else 20 * batch
         self._urgent: list[DeliveryRecord] = []  # records with a callback (ack, nak, ...): written first
         self._queue: list[DeliveryRecord] = []  # records without one
@@ -100,7 +108,7 @@ class HistoryWriter:
         dialect = store.engine.dialect
         self._upsert = _Compiled(upsert, Delivery.__table__, _DELIVERY_KEYS, dialect)
         self._insert_attempt = _Compiled(insert(Attempt.__table__), Attempt.__table__, _ATTEMPT_KEYS, dialect)
-        self.lost = 0  # records given up on after `retries` failed transactions
+        self.lost = 0  # records given up on after failing for `give_up_s` seconds
 
     def add(self, record: DeliveryRecord) -> None:
         """Queue a record (never blocks). A pending record without callback is held (see the module docstring)."""
@@ -181,16 +189,26 @@ class HistoryWriter:
                 return
 
     async def _flush(self, batch: list[DeliveryRecord]) -> None:
-        for attempt in range(1, self.retries + 1):
+        give_up_at = time.monotonic() + self.give_up_s
+        pause = 0.1
+        tries = 0
+        while True:
+            tries += 1
             try:
                 await self._write(batch)
                 break
-            except Exception:  # noqa: BLE001 - any database failure: retry, then give the acks priority
-                log.exception("delivery history write failed (try %d/%d, %d records)", attempt, self.retries, len(batch))
-                if attempt == self.retries:
+            except Exception:  # noqa: BLE001 - any database failure: retry until give_up_at, then ack anyway
+                left = give_up_at - time.monotonic()
+                if left <= 0:
                     self.lost += len(batch)
-                else:
-                    await asyncio.sleep(0.2 * attempt)
+                    HISTORY_LOST.inc(len(batch))
+                    log.exception("delivery history write failed %d times in %.0f s: settling %d records without "
+                                  "their rows", tries, self.give_up_s, len(batch))
+                    break
+                log.warning("delivery history write failed (try %d, %d records); retrying in %.1f s", tries,
+                            len(batch), min(pause, left), exc_info=tries == 1)
+                await asyncio.sleep(min(pause, left))
+                pause = min(pause * 2, 2.0)
         for r in batch:
             if r.ack is not None:
                 try:

@@ -34,6 +34,9 @@ CONSUMER_ACK_PENDING = Gauge("letta_bus_consumer_ack_pending", "Messages deliver
 RETRY_BACKLOG = Gauge("letta_bus_retry_backlog", "Delivery tasks waiting in message schedules for a later attempt.")
 DEAD_LETTERS = Gauge("letta_bus_dead_letters", "Messages on letta_webhooks.dead.>.")
 LOOP_RESTARTS = Counter("letta_bus_loop_restarts_total", "Consumer loops restarted after a crash.", ["loop"])
+HISTORY_LOST = Counter("letta_bus_history_records_lost_total",
+                       "Delivery-history records settled without their rows after the database failed for "
+                       "ack_wait_s / 2 seconds.")
 CIRCUITS = Gauge("letta_bus_circuits", "Endpoint circuit breakers by state (this process).", ["state"])
 
 

@@ -40,7 +40,8 @@ class Dispatcher:
         self.nc = nc
         self.store = store
         self.endpoints = EndpointCache(store, settings.endpoint_refresh_s)
-        self.history = HistoryWriter(store, flush_s=settings.history_flush_s, batch=settings.history_batch)
+        self.history = HistoryWriter(store, flush_s=settings.history_flush_s, batch=settings.history_batch,
+                                     give_up_s=settings.ack_wait_s / 2)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.http: WebhookHTTPClient | None = None

@@ -91,3 +91,58 @@ async def test_acks_do_not_wait_behind_a_backlog_of_pending_rows_and_the_fanout_
     assert writer.has_room
     await writer.stop()
     assert await count(store, Delivery) == 3001
+
+
+class AckRecorder:
+    """A message whose ``ack()`` only records when it came."""
+
+    def __init__(self) -> None:
+        self.acked_at: float | None = None
+
+    async def ack(self) -> None:
+        self.acked_at = asyncio.get_running_loop().time()
+
+
+async def rename_attempts_table(store, old: str, new: str) -> None:  # noqa: ANN001
+    """Make the database refuse the writer's inserts (``attempts`` gone) or accept them again."""
+    async with store.engine.begin() as conn:
+        await conn.exec_driver_sql(f"ALTER TABLE {old} RENAME TO {new}")
+
+
+async def test_a_failing_database_holds_the_acks_until_the_rows_are_written(store):
+    """While the database refuses the batch, no ack goes out (the sender stops at max_ack_pending); when it
+    accepts again, the rows are written, then acked, and nothing is counted lost."""
+    writer = HistoryWriter(store, flush_s=0.01, pending_hold_s=0.0, give_up_s=30.0)
+    writer.start()
+    await rename_attempts_table(store, "attempts", "attempts_away")
+    msg = FakeMsg(store, "dlv_" + "1".zfill(32))
+    writer.add(attempt(1, msg))
+    await asyncio.sleep(1.0)
+    assert msg.rows_at_ack is None, "acked while its history could not be written"
+    await rename_attempts_table(store, "attempts_away", "attempts")
+    await wait_until(lambda: msg.rows_at_ack is not None, 10, what="the ack after the database came back")
+    await writer.stop()
+    assert writer.lost == 0 and await count(store, Attempt) == 1
+
+
+async def test_a_database_down_past_give_up_settles_the_acks_and_counts_the_rows_lost(store):
+    """Past ``give_up_s`` the ack goes out without its row (no redelivery storm), counted in
+    ``letta_bus_history_records_lost_total``."""
+    from dispatcher.metrics import HISTORY_LOST
+
+    before = HISTORY_LOST._value.get()
+    writer = HistoryWriter(store, flush_s=0.01, pending_hold_s=0.0, give_up_s=0.6)
+    writer.start()
+    await rename_attempts_table(store, "attempts", "attempts_away")
+    try:
+        msg = AckRecorder()
+        loop = asyncio.get_running_loop()
+        added = loop.time()
+        writer.add(attempt(1, msg))
+        await wait_until(lambda: msg.acked_at is not None, 10, what="the ack after giving up")
+        assert 0.5 <= msg.acked_at - added < 5, "retried for about give_up_s seconds, then settled"
+        await writer.stop()
+    finally:
+        await rename_attempts_table(store, "attempts_away", "attempts")
+    assert writer.lost == 1 and HISTORY_LOST._value.get() == before + 1
+    assert await count(store, Attempt) == 0
