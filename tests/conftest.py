@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from bus.auth import AuthFiles, ensure_auth_files
 from bus.connection import connect
@@ -18,6 +19,13 @@ from dispatcher.service import Dispatcher
 from dispatcher.store import Store
 
 POSTGRES_URL = os.environ.get("LETTA_BUS_TEST_POSTGRES_URL")
+
+# Property tests explore new random examples on a developer's machine (failures are kept in .hypothesis/ and
+# replayed); CI (CI=true, set by .ci/run) runs a fixed set of examples, so a submission's result does not depend on
+# the draw (hypothesis docs, "Settings profiles": derandomize for CI).
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 
 @pytest.fixture
