@@ -43,7 +43,7 @@ def up(log_level: Annotated[str, typer.Option(help="debug, info, warning or erro
     from bus.embedded import EmbeddedServerError
     from dispatcher.api.auth import ApiKeyError
     from dispatcher.metrics import serve_metrics
-    from dispatcher.runtime import running_stack, stop_on_signals
+    from dispatcher.runtime import run_loop, running_stack, stop_on_signals
 
     settings = _settings()
     _logging(log_level)
@@ -82,7 +82,7 @@ def up(log_level: Annotated[str, typer.Option(help="debug, info, warning or erro
         console.print("stopped")
 
     try:
-        asyncio.run(main())
+        run_loop(main(), settings)
     except (EmbeddedServerError, ConnectionError, ApiKeyError, OSError, ValueError) as exc:
         raise _fail(str(exc)) from None
 

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,21 @@ from dispatcher.service import Dispatcher
 from dispatcher.store import Store
 
 log = logging.getLogger(__name__)
+
+
+def run_loop(main: Coroutine[object, object, None], settings: Settings) -> None:
+    """Run ``main`` to completion on the event loop chosen by ``LETTA_BUS_EVENT_LOOP`` (``uvloop`` or
+    ``asyncio``). Raises ``ValueError`` naming the setting when uvloop is chosen but not installed (Windows)."""
+    if settings.event_loop == "asyncio":
+        asyncio.run(main)
+        return
+    try:
+        import uvloop
+    except ImportError:
+        main.close()
+        raise ValueError("LETTA_BUS_EVENT_LOOP=uvloop but uvloop is not installed (it has no Windows build): "
+                         "install it, or set LETTA_BUS_EVENT_LOOP=asyncio") from None
+    uvloop.run(main)
 
 
 @dataclass
