@@ -22,9 +22,10 @@ Roles (README, "Security of the bus"):
 ``admin``       provisions streams and consumers; everything in the account (the ``nats`` CLI, operators).
 ``dispatcher``  its two durables (pull, ack), publishes delivery tasks, scheduled retries, dead letters and
                 operational events (``letta_webhooks.>``), reads stream and consumer info, gets event messages
-                (manual retry), creates and deletes the short-lived consumers of replay and dead-letter listing,
-                deletes resent dead letters, and uses the endpoint control subject. No stream admin, and it may
-                not delete its own durables.
+                (manual retry, and replay by batched direct get: no consumers on the events stream but its own
+                durable, so it cannot read from or delete other services' durables), creates and deletes the
+                short-lived consumers of dead-letter listing on its own stream, deletes resent dead letters, and
+                uses the endpoint control subject. No stream admin, and it may not delete its own durables.
 ``publisher``   Letta: publishes ``letta.>`` and reads its PubAcks; nothing under ``$JS.API``.
 ``subscriber``  internal services: its own consumers on the events stream (create, pull, ack, delete), reads
                 the events stream; may not touch the dispatcher's ``webhook-fanout`` durable, publish events, or
@@ -88,7 +89,7 @@ def role_permissions(role: Role, settings: Settings, *, inbox: str | None = None
     if role == "dispatcher":
         return Permissions(
             publish_allow=[
-                f"{api}.CONSUMER.MSG.NEXT.{events}.*",  # webhook-fanout, and replay's short-lived consumers
+                f"{api}.CONSUMER.MSG.NEXT.{events}.{fanout}",
                 f"{api}.CONSUMER.MSG.NEXT.{webhooks}.*",  # webhook-sender, and dead-letter listing
                 f"$JS.ACK.{events}.{fanout}.>",
                 f"$JS.ACK.{webhooks}.{sender}.>",
@@ -98,20 +99,14 @@ def role_permissions(role: Role, settings: Settings, *, inbox: str | None = None
                 f"{api}.CONSUMER.INFO.{events}.{fanout}",
                 f"{api}.CONSUMER.INFO.{webhooks}.{sender}",
                 f"{api}.STREAM.MSG.GET.{events}",  # manual retry reads the event by its stream sequence
-                f"{api}.DIRECT.GET.{events}",
+                f"{api}.DIRECT.GET.{events}",  # replay reads events in batches (bus/direct_get.py)
                 f"{api}.DIRECT.GET.{events}.>",
-                f"{api}.CONSUMER.CREATE.{events}.*",  # replay: named ephemeral consumers (filter_subjects)
-                f"{api}.CONSUMER.CREATE.{events}.*.>",  # replay: named ephemeral consumers (filter_subject)
                 f"{api}.CONSUMER.CREATE.{webhooks}.*.>",  # dead-letter listing
-                f"{api}.CONSUMER.DELETE.{events}.*",  # replay removes its consumer when done
                 f"{api}.CONSUMER.DELETE.{webhooks}.*",
                 f"{api}.STREAM.MSG.DELETE.{webhooks}",  # a resent dead letter leaves the stream
                 settings.control_subject,
             ],
-            publish_deny=[
-                f"{api}.CONSUMER.DELETE.{events}.{fanout}",
-                f"{api}.CONSUMER.DELETE.{webhooks}.{sender}",
-            ],
+            publish_deny=[f"{api}.CONSUMER.DELETE.{webhooks}.{sender}"],
             subscribe_allow=[inbox_sub, settings.control_subject],
         )
     if role == "subscriber":

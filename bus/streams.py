@@ -46,6 +46,7 @@ def events_stream_config(settings: Settings) -> StreamConfig:
         max_age=settings.events_max_age_s,
         duplicate_window=settings.duplicate_window_s,
         max_msg_size=settings.max_event_bytes + HEADER_ROOM,  # the server counts headers, the limit is on bodies
+        allow_direct=True,  # replay and manual retry read stored events by direct get (bus/direct_get.py)
         metadata={"letta_bus.role": "events", "letta_bus.envelope": "event_id,event_type,timestamp,agent_id,organization_id,data"},
     )
 

@@ -32,7 +32,7 @@ async def replay_events(agent_id: str, body: ReplayIn, ctx: ApiContext = Depends
     if not endpoint.enabled:
         raise HTTPException(status.HTTP_409_CONFLICT,
                             f"webhook of agent {agent_id} is disabled ({endpoint.disabled_reason}): enable it first")
-    page = await replay(ctx.js, ctx.settings, ctx.store, endpoint, since=body.since, until=body.until,
+    page = await replay(ctx.nc, ctx.settings, ctx.store, endpoint, since=body.since, until=body.until,
                         events=body.events, replay_id=body.replay_id, start_seq=body.start_seq,
                         end_seq=body.end_seq, limit=body.limit)
     return ReplayOut(**page.__dict__)

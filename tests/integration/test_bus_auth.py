@@ -207,6 +207,27 @@ async def test_dispatcher_cannot_delete_streams_or_its_durables_or_publish_event
     assert (await nc.jetstream().consumer_info("LETTA_EVENTS", "webhook-fanout")).name == "webhook-fanout"
 
 
+async def test_dispatcher_cannot_read_delete_or_create_other_consumers_on_the_events_stream(
+        settings, nc, provisioned, dispatcher_nc, caplog):
+    """An internal service's durable on LETTA_EVENTS is out of the dispatcher's reach: no pulling its messages, no
+    deleting it, no consumers of its own beside webhook-fanout (replay reads by direct get instead)."""
+    caplog.set_level(logging.WARNING, logger="bus.connection")
+    await nc.jetstream().add_consumer("LETTA_EVENTS", ConsumerConfig(durable_name="billing", name="billing"))
+    await EventPublisher(settings, nc).publish_event("agent-1", "agent.run.completed", RUN, strict=True)
+    js = dispatcher_nc.jetstream(timeout=0.5)
+    pull = await js.pull_subscribe_bind("billing", "LETTA_EVENTS")
+    with pytest.raises(nats.errors.TimeoutError):
+        await pull.fetch(1, timeout=0.5)
+    await violation(caplog, "$JS.API.CONSUMER.MSG.NEXT.LETTA_EVENTS.billing")
+    await denied(caplog, js.delete_consumer("LETTA_EVENTS", "billing"), "$JS.API.CONSUMER.DELETE.LETTA_EVENTS.billing")
+    await denied(caplog, js.add_consumer("LETTA_EVENTS", ConsumerConfig(name="snoop", filter_subject="letta.>")),
+                 "$JS.API.CONSUMER.CREATE.LETTA_EVENTS.snoop.letta.>")
+    info = await nc.jetstream().consumer_info("LETTA_EVENTS", "billing")
+    assert info.num_pending == 1 and info.delivered.stream_seq == 0  # nothing was taken from it
+    names = [c.name for c in await nc.jetstream().consumers_info("LETTA_EVENTS")]
+    assert sorted(names) == ["billing", "webhook-fanout"]
+
+
 async def test_dispatcher_role_delivers_retries_by_schedule_and_dead_letters(settings, nc, dispatcher_nc, store,
                                                                             receiver, provisioned):
     """End to end on the dispatcher role alone: fan-out, a POST, a retry that goes out as a JetStream message

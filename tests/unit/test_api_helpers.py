@@ -15,7 +15,7 @@ from dispatcher.api.validation import unknown_patterns
 from dispatcher.api_client import ApiError
 from dispatcher.delivery_queries import decode_cursor, encode_cursor
 from dispatcher.models import Delivery
-from dispatcher.replay import filter_subjects
+from dispatcher.replay import read_subject
 
 
 def test_cursor_round_trip_and_garbage():
@@ -29,12 +29,11 @@ def test_cursor_round_trip_and_garbage():
             decode_cursor(bad)
 
 
-def test_filter_subjects_drop_covered_patterns():
-    assert filter_subjects("letta", []) == ["letta.>"]
-    assert filter_subjects("letta", ["agent.>", "agent.step.*", "agent.run.completed"]) == ["letta.agent.>"]
-    assert filter_subjects("letta", ["agent.step.*", "agent.run.completed"]) == [
-        "letta.agent.step.*", "letta.agent.run.completed"]
-    assert filter_subjects("letta", ["agent.step.completed", "agent.step.completed"]) == ["letta.agent.step.completed"]
+def test_replay_reads_one_subject_covering_the_patterns():
+    assert read_subject("letta", []) == "letta.>"
+    assert read_subject("letta", ["agent.>", "agent.step.*", "agent.run.completed"]) == "letta.agent.>"
+    assert read_subject("letta", ["agent.step.*", "agent.run.completed"]) == "letta.>"  # matched in the dispatcher
+    assert read_subject("letta", ["agent.step.completed", "agent.step.completed"]) == "letta.agent.step.completed"
 
 
 def test_unknown_patterns():

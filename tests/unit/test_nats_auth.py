@@ -72,7 +72,11 @@ def test_dispatcher_permissions_follow_the_settings():
     assert perms.subscribe_allow == ["_INBOX.mine.>", "ctl.endpoints"]
     assert not any("STREAM.DELETE" in s or "STREAM.CREATE" in s or "STREAM.PURGE" in s or s.startswith("letta.")
                    for s in perms.publish_allow)
-    assert "$JS.API.CONSUMER.DELETE.EV.fan" in perms.publish_deny
+    assert "$JS.API.CONSUMER.DELETE.WH.send" in perms.publish_deny
+    # on the events stream only its own durable: no creating, pulling from or deleting other consumers there
+    events_consumers = [s for s in perms.publish_allow if s.startswith("$JS.API.CONSUMER.") and ".EV." in s]
+    assert events_consumers == ["$JS.API.CONSUMER.MSG.NEXT.EV.fan", "$JS.API.CONSUMER.INFO.EV.fan"]
+    assert "$JS.API.DIRECT.GET.EV" in perms.publish_allow
     with pytest.raises(ValueError, match="unknown role"):
         role_permissions("root", SETTINGS)  # type: ignore[arg-type]
 

@@ -24,7 +24,7 @@ async def test_replay_delivers_events_from_before_the_webhook_existed(api):
     assert r.status_code == 202, r.text
     out = r.json()
     assert out["replay_id"].startswith("rpl_") and out["done"] and out["queued"] == 2
-    assert out["scanned"] == 3  # the server filters on the patterns: the tool event is not even read
+    assert out["scanned"] == 4  # two patterns: every event since t0 is read (letta.>) and matched here
     hits = await api.receiver.wait_for(2, 5, "/p")
     assert sorted(h.headers["webhook-id"] for h in hits) == sorted(before[:2])  # the webhook's own patterns
     assert all(h.letta_verified and h.standard_verified for h in hits)
@@ -40,6 +40,7 @@ async def test_replay_delivers_events_from_before_the_webhook_existed(api):
     again = (await api.client.post("/v1/agents/agent-1/webhook/replay",
                                    json={"since": t0.isoformat(), "events": ["agent.tool.*"]})).json()
     assert again["queued"] == 1 and again["replay_id"] != out["replay_id"]
+    assert again["scanned"] == 1  # one pattern: the server reads only letta.agent.tool.*
     [tool] = [h for h in await api.receiver.wait_for(3, 5, "/p") if h.headers["X-Letta-Event"] == "agent.tool.attached"]
     assert tool.headers["webhook-id"] == before[2]
 
