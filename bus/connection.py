@@ -4,6 +4,7 @@ the process's role credentials (bus/auth.py) and TLS (bus/tls.py) from the setti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -108,3 +109,22 @@ async def connect(
         raise ConnectionError(
             f"no NATS server answered at {url} within {timeout_s:g} s: start one, or fix LETTA_BUS_NATS_URL"
         ) from None
+
+
+async def close_client(nc: Client | None, *, what: str, timeout_s: float | None = None) -> None:
+    """Shut down a connection this process owns: drain it (buffered publishes are flushed, subscriptions end) for
+    at most ``timeout_s`` seconds (None: no bound), or close it at once while it is reconnecting (nats-py's
+    ``drain()`` refuses then, and nothing could be flushed). Never raises: a failure is logged naming ``what``
+    and the connection is closed anyway. Does nothing for ``None`` or a closed client."""
+    if nc is None or nc.is_closed:
+        return
+    try:
+        if nc.is_connected:
+            await asyncio.wait_for(nc.drain(), timeout_s)
+        else:
+            await nc.close()
+    except Exception as exc:  # noqa: BLE001 - shutdown must go on
+        log.warning("closing %s: %r", what, exc)
+        if not nc.is_closed:
+            with contextlib.suppress(Exception):
+                await nc.close()

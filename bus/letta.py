@@ -45,7 +45,7 @@ from nats.js import JetStreamContext
 
 from bus import envelope as env
 from bus.catalog import EventValidationError
-from bus.connection import open_client
+from bus.connection import close_client, open_client
 from bus.pipeline import Prepared, is_refusal, is_retryable, prepare, publish_batch
 from bus.publisher import EventPublisher
 from config.settings import Settings
@@ -219,17 +219,9 @@ class LettaEventBus:
         self._closed = True
         if self._connector is not None and not self._connector.done():
             self._connector.cancel()
-        nc = self._nc
-        if self._owns_connection and nc is not None and not nc.is_closed:
-            try:
-                if nc.is_connected:
-                    await asyncio.wait_for(nc.drain(), max(0.1, deadline - time.monotonic()))
-                else:
-                    await nc.close()
-            except Exception as exc:  # noqa: BLE001 - shutdown must go on
-                log.warning("letta-bus: closing the NATS connection: %r", exc)
-                if not nc.is_closed:
-                    await nc.close()
+        if self._owns_connection:
+            await close_client(self._nc, what="letta-bus's NATS connection",
+                               timeout_s=max(0.1, deadline - time.monotonic()))
 
     async def __aenter__(self) -> "LettaEventBus":
         return await self.start()

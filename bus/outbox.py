@@ -38,7 +38,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from bus import envelope as env
 from bus.catalog import EventValidationError
-from bus.connection import connect
+from bus.connection import close_client, connect
 from bus.pipeline import Prepared, is_refusal, prepare, publish_batch
 from bus.publisher import EventPublisher
 from config.settings import Settings
@@ -338,11 +338,8 @@ class OutboxRelay:
             if not done:
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
-        if self._owns_connection and self._nc is not None and not self._nc.is_closed:
-            try:
-                await self._nc.close()
-            except Exception as exc:  # noqa: BLE001 - shutdown must go on
-                log.warning("outbox relay: closing the NATS connection: %r", exc)
+        if self._owns_connection:
+            await close_client(self._nc, what="the outbox relay's NATS connection")
         if self._owns_engine:
             await self.engine.dispose()
 

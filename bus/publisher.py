@@ -21,7 +21,7 @@ from nats.js.errors import APIError, NoStreamResponseError
 
 from bus import envelope as env
 from bus.catalog import EventValidationError, validate_data
-from bus.connection import open_client
+from bus.connection import close_client, open_client
 from bus.ids import new_event_id
 from bus.tracing import current_trace_headers
 from config.settings import Settings
@@ -170,13 +170,5 @@ class EventPublisher:
         Never raises (a close during a broker outage is logged)."""
         if self._connector is not None and not self._connector.done():
             self._connector.cancel()
-        nc = self._nc
-        if not self._owns_connection or nc is None or nc.is_closed:
-            return
-        try:
-            if nc.is_connected:
-                await nc.drain()  # flushes what is buffered
-            else:
-                await nc.close()  # drain() refuses while reconnecting; nothing can be flushed anyway
-        except Exception as exc:  # noqa: BLE001 - closing must not fail the caller's shutdown
-            log.warning("closing the publisher's NATS connection: %r", exc)
+        if self._owns_connection:
+            await close_client(self._nc, what="the publisher's NATS connection")

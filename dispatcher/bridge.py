@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse
 from nats.aio.client import Client
 
 from bus.catalog import EventValidationError
-from bus.connection import connect
+from bus.connection import close_client, connect
 from bus.publisher import EventPublisher, PublishError
 from config.settings import Settings
 from dispatcher import bridge_events as be
@@ -338,15 +338,8 @@ class BridgeServer:
         if self._letta is not None:
             await self._letta.close()
             self._letta = None
-        nc = self._nc
-        if self._owns_nc and nc is not None and not nc.is_closed:
-            try:
-                if nc.is_connected:
-                    await nc.drain()  # flushes what is buffered
-                else:
-                    await nc.close()  # drain() refuses while reconnecting; nothing can be flushed anyway
-            except Exception as exc:  # noqa: BLE001 - stopping must not fail the caller's shutdown
-                log.warning("bridge NATS close: %r", exc)
+        if self._owns_nc:
+            await close_client(self._nc, what="the bridge's NATS connection")
         self._server = self._task = None
 
     async def __aenter__(self) -> "BridgeServer":
