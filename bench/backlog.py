@@ -28,14 +28,14 @@ from pathlib import Path
 import httpx
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from common import proc_stat, receiver_stats, start_dispatcher, start_raw, start_receiver, stop, DATA  # noqa: I001
+from common import (  # noqa: I001 - bench/ is on sys.path when run as a script
+    DATA, agents_with_webhooks, proc_stat, receiver_stats, start_dispatcher, start_raw, start_receiver, stop,
+)
 from bus.connection import connect
 from bus.embedded import EmbeddedServer
 from bus.pipeline import prepare, publish_batch
 from bus.publisher import EventPublisher
-from bus.streams import provision
 from config.settings import Settings
-from dispatcher.store import Store
 
 MB = 1024 * 1024
 
@@ -91,17 +91,12 @@ async def run(args: argparse.Namespace) -> None:
     n = args.events
     try:
         async with httpx.AsyncClient(timeout=30) as client:
-            await provision(js, settings)
-            # the raw baseline's own durable on the same stream, created now so it sees every event
+            store, agents = await agents_with_webhooks(js, settings, base, args.agents)
+            await store.close()
+            # the raw baseline's own durable on the same stream (deliver_policy all: it sees every event)
             await js.add_consumer(settings.events_stream, ConsumerConfig(
                 durable_name="raw-backlog", deliver_policy=DeliverPolicy.ALL, ack_wait=30, max_ack_pending=1000,
                 filter_subject=f"{settings.subject_prefix}.>"))
-            store = Store.from_settings(settings)
-            await store.create_schema()
-            agents = [f"agent-{i:04d}" for i in range(args.agents)]
-            for agent in agents:
-                await store.set_agent_webhook(agent, url=f"{base}/{agent}")
-            await store.close()
 
             dispatcher = start_dispatcher(settings, tmp, "dispatcher")
             await asyncio.sleep(3.0)  # started, connected, idle
