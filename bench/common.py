@@ -23,8 +23,8 @@ from sqlalchemy import func, select  # noqa: E402
 from bus.publisher import EventPublisher  # noqa: E402
 from bus.streams import provision  # noqa: E402
 from config.settings import Settings  # noqa: E402
-from dispatcher.models import Delivery  # noqa: E402
-from dispatcher.store import Store  # noqa: E402
+from dispatcher.store.database import Store  # noqa: E402
+from dispatcher.store.models import Delivery  # noqa: E402
 
 BIN = Path(sys.executable).parent
 DATA = {"step_id": "step-00000000-0000-4000-8000-000000000000", "status": "success",

@@ -1,4 +1,4 @@
-"""CPU per webhook POST: the sender's client (dispatcher/webhook_http.py) against aiohttp's ClientSession.
+"""CPU per webhook POST: the sender's client (dispatcher/delivery/webhook_http.py) against aiohttp's ClientSession.
 
     .venv/bin/python bench/http_client.py [--requests 20000] [--concurrency 64]
 
@@ -27,7 +27,7 @@ import yarl
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dispatcher.webhook_http import WebhookHTTPClient  # noqa: E402
+from dispatcher.delivery.webhook_http import WebhookHTTPClient  # noqa: E402
 
 HEADERS = {
     "Content-Type": "application/json", "User-Agent": "Letta-Webhook/1.0", "X-Letta-Event": "agent.step.completed",

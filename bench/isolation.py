@@ -250,7 +250,7 @@ def make_settings(nats_url: str, tmp: Path):
 
 
 def make_store(settings):
-    from dispatcher.store import Store
+    from dispatcher.store.database import Store
 
     if hasattr(Store, "from_settings"):
         return Store.from_settings(settings)
@@ -321,7 +321,7 @@ async def run_scenario(name: str, with_dead: bool, events: int, base: Path, dead
     from bus.embedded import EmbeddedServer
     from bus.publisher import EventPublisher
     from bus.streams import provision, supports_schedules
-    from dispatcher.service import Dispatcher
+    from dispatcher.delivery.service import Dispatcher
 
     out = Outcome(name=name, events=events)
     tmp = base / name
@@ -479,7 +479,7 @@ async def main() -> None:
     if args.dead_answers_after is not None and not 0 <= args.dead_answers_after < 5.0:
         parser.error("--dead-answers-after must be in [0, 5) seconds (the dispatcher's HTTP timeout is 5 s)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("dispatcher.secrets").setLevel(logging.ERROR)  # "using the development key file"
+    logging.getLogger("dispatcher.store.secrets").setLevel(logging.ERROR)  # "using the development key file"
 
     order = [name.strip() for name in args.scenarios.split(",") if name.strip()]
     if not {"baseline", "with_dead"} <= set(order) or not set(order) <= {"baseline", "with_dead"}:

@@ -14,9 +14,9 @@ from bus.connection import connect
 from bus.embedded import EmbeddedServer
 from bus.streams import provision
 from config.settings import PROJECT_ROOT, Settings
-from dispatcher.receiver import Receiver
-from dispatcher.service import Dispatcher
-from dispatcher.store import Store
+from dispatcher.cli.receiver import Receiver
+from dispatcher.delivery.service import Dispatcher
+from dispatcher.store.database import Store
 
 POSTGRES_URL = os.environ.get("LETTA_BUS_TEST_POSTGRES_URL")
 

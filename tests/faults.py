@@ -23,7 +23,7 @@ from bus.envelope import H_MSG_ID
 from bus.ids import new_event_id
 from bus.publisher import EventPublisher, PublishError
 from config.settings import Settings
-from dispatcher.receiver import Receiver
+from dispatcher.cli.receiver import Receiver
 from tests.helpers import CATALOG_SAMPLES
 
 STEP = CATALOG_SAMPLES["agent.step.completed"]

@@ -8,7 +8,7 @@ import socket
 
 from sqlalchemy import select
 
-from dispatcher.models import Attempt, Delivery, Endpoint
+from dispatcher.store.models import Attempt, Delivery, Endpoint
 
 USAGE = {"completion_tokens": 42, "prompt_tokens": 1200, "total_tokens": 1242, "step_count": 1,
          "run_ids": ["run-0b7e4c1a-2d3f-4e5a-8b9c-0d1e2f3a4b5c"]}

@@ -11,11 +11,11 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from config.settings import Settings
-from dispatcher.control import announce_change
-from dispatcher.store import Store
+from dispatcher.delivery.control import announce_change
+from dispatcher.store.database import Store
 
 if TYPE_CHECKING:
-    from dispatcher.service import Dispatcher
+    from dispatcher.delivery.service import Dispatcher
 
 
 @dataclass
@@ -34,7 +34,7 @@ class ApiContext:
         return self.nc.jetstream()
 
     async def changed(self, endpoint_id: str, change: str) -> None:
-        """Announce an endpoint write to every dispatcher (:mod:`dispatcher.control`); never raises. The local
+        """Announce an endpoint write to every dispatcher (:mod:`dispatcher.delivery.control`); never raises. The local
         dispatcher, if any, also reloads right here, so the change applies before the response is sent."""
         await announce_change(self.nc, self.settings.control_subject, endpoint_id, change)
         if self.dispatcher is not None:

@@ -1,7 +1,7 @@
 """An agent's webhook: ``/v1/agents/{agent_id}/webhook`` (PUT, GET, DELETE), ``/test`` and ``/rotate-secret``.
 
 The shapes follow the webhook API a Letta fork documents (PUT with url, secret, events, enabled). Every write is
-announced to the running dispatchers (:mod:`dispatcher.control`)."""
+announced to the running dispatchers (:mod:`dispatcher.delivery.control`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Response, status
 from dispatcher.api.context import ApiContext, get_ctx
 from dispatcher.api.schemas import EndpointOut, RotateIn, SecretOut, TestResult, WebhookIn
 from dispatcher.api.validation import check_endpoint_input
-from dispatcher.models import Endpoint
-from dispatcher.webhook_test import send_test
+from dispatcher.ops.ping import send_test
+from dispatcher.store.models import Endpoint
 
 router = APIRouter(prefix="/v1/agents/{agent_id}/webhook", tags=["agent webhook"])
 

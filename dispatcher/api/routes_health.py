@@ -1,4 +1,5 @@
-"""``GET /healthz`` (open: no key) and ``GET /v1/status`` (streams, consumers, endpoints; :mod:`dispatcher.status`)."""
+"""``GET /healthz`` (open: no key) and ``GET /v1/status`` (streams, consumers, endpoints;
+:mod:`dispatcher.ops.status`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from fastapi.responses import JSONResponse
 from dispatcher.api.auth import require_api_key
 from dispatcher.api.context import ApiContext, get_ctx
 from dispatcher.api.schemas import HealthOut, StatusOut
-from dispatcher.migrate import current_revision
-from dispatcher.status import endpoint_report, stream_report
+from dispatcher.ops.status import endpoint_report, stream_report
+from dispatcher.store.migrate import current_revision
 
 router = APIRouter(tags=["health"])
 CHECK_TIMEOUT_S = 2.0

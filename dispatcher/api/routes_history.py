@@ -16,8 +16,8 @@ from dispatcher.api.schemas import (
     AttemptOut, DeliveryDetail, DeliveryOut, DeliveryPage, RetryFailedIn, RetryFailedOut, RetryOut,
 )
 from dispatcher.api.validation import field_error
-from dispatcher.delivery_queries import STATUSES, get_delivery, list_deliveries
-from dispatcher.manual_retry import RetryRefused, retry_delivery, retry_failed
+from dispatcher.ops.manual_retry import RetryRefused, retry_delivery, retry_failed
+from dispatcher.store.queries import STATUSES, get_delivery, list_deliveries
 
 router = APIRouter(tags=["deliveries"])
 

@@ -1,5 +1,5 @@
 """``POST /v1/agents/{agent_id}/webhook/replay``: deliver the agent's past events again from ``LETTA_EVENTS``
-(:mod:`dispatcher.replay`)."""
+(:mod:`dispatcher.ops.replay`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dispatcher.api.context import ApiContext, get_ctx
 from dispatcher.api.routes_agents import agent_endpoint
 from dispatcher.api.schemas import ReplayIn, ReplayOut
 from dispatcher.api.validation import check_endpoint_input, field_error
-from dispatcher.replay import replay
+from dispatcher.ops.replay import replay
 
 router = APIRouter(tags=["replay"])
 

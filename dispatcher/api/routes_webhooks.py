@@ -15,8 +15,8 @@ from dispatcher.api.schemas import (
     DeliveryPage, EndpointIn, EndpointList, EndpointOut, EndpointPatch, RotateIn, Scope, SecretOut, TestResult,
 )
 from dispatcher.api.validation import check_endpoint_input
-from dispatcher.models import Endpoint
-from dispatcher.store import EndpointConflict
+from dispatcher.store.database import EndpointConflict
+from dispatcher.store.models import Endpoint
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 

@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dispatcher.delivery_queries import aware
-from dispatcher.models import Attempt, Delivery, Endpoint
+from dispatcher.store.models import Attempt, Delivery, Endpoint
+from dispatcher.store.queries import aware
 
 Scope = Literal["agent", "organization", "global"]
 _strict = ConfigDict(extra="forbid")

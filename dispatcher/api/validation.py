@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from fastapi.exceptions import RequestValidationError
 
 from bus.catalog import CATALOG
-from dispatcher.matching import check_pattern, pattern_matches
-from dispatcher.store import Store, check_scope, check_secret
-from dispatcher.webhook_test import TEST_EVENT_TYPE
+from dispatcher.ops.ping import TEST_EVENT_TYPE
+from dispatcher.rules.matching import check_pattern, pattern_matches
+from dispatcher.store.database import Store, check_scope, check_secret
 
 KNOWN_EVENT_TYPES = (*CATALOG, TEST_EVENT_TYPE)
 

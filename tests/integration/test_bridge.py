@@ -10,8 +10,8 @@ import pytest
 from pydantic import SecretStr
 
 from bus.envelope import decode
-from dispatcher.bridge import BridgeServer
-from dispatcher.bridge_events import NO_AGENT_ID, bridge_event_id
+from dispatcher.bridge.events import NO_AGENT_ID, bridge_event_id
+from dispatcher.bridge.server import BridgeServer
 from tests.helpers import closed_port
 from tests.letta_standin import (ORG_ID, LettaStandIn, letta_id, make_failed_step, make_job, make_run, make_step,
                                  make_usage)

@@ -14,9 +14,9 @@ from nats.js.api import ConsumerConfig
 
 from bus.connection import NatsAuthError, connect
 from bus.publisher import EventPublisher
-from dispatcher.dead_letters import list_dead_letters, resend
-from dispatcher.runtime import provision_streams
-from dispatcher.service import Dispatcher
+from dispatcher.cli.runtime import provision_streams
+from dispatcher.delivery.service import Dispatcher
+from dispatcher.ops.dead_letters import list_dead_letters, resend
 from subscribers import Subscriber
 from tests.helpers import wait_until
 

@@ -24,9 +24,9 @@ from bus.embedded import nats_server_binary
 from bus.publisher import EventPublisher
 from bus.streams import provision, supports_schedules
 from config.settings import PROJECT_ROOT, Settings
-from dispatcher.receiver import Receiver
-from dispatcher.service import Dispatcher
-from dispatcher.store import Store
+from dispatcher.cli.receiver import Receiver
+from dispatcher.delivery.service import Dispatcher
+from dispatcher.store.database import Store
 from tests.faults import PacedPublisher, duplicates, received_counts, stream_msg_ids
 from tests.helpers import wait_until
 

@@ -7,9 +7,9 @@ import json
 from sqlalchemy import select
 
 from bus.publisher import EventPublisher
-from dispatcher.dead_letters import list_dead_letters, resend
-from dispatcher.models import Attempt, Delivery
-from dispatcher.service import Dispatcher
+from dispatcher.delivery.service import Dispatcher
+from dispatcher.ops.dead_letters import list_dead_letters, resend
+from dispatcher.store.models import Attempt, Delivery
 from tests.helpers import wait_until
 
 RUN = {"run_id": "run-1", "status": "completed"}

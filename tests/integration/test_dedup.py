@@ -7,8 +7,8 @@ import json
 
 from bus.envelope import decode_head
 from bus.publisher import EventPublisher
-from dispatcher.service import Dispatcher
-from dispatcher.tasks import delivery_id, task_headers
+from dispatcher.delivery.service import Dispatcher
+from dispatcher.delivery.tasks import delivery_id, task_headers
 from tests.helpers import CATALOG_SAMPLES, attempts, deliveries, wait_drained, wait_until
 
 STEP = CATALOG_SAMPLES["agent.step.completed"]

@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import select
 
 from bus.publisher import EventPublisher
-from dispatcher.models import Attempt, Delivery, Endpoint
-from dispatcher.service import Dispatcher
+from dispatcher.delivery.service import Dispatcher
+from dispatcher.store.models import Attempt, Delivery, Endpoint
 from tests.helpers import wait_until
 
 RUN = {"run_id": "run-1", "status": "completed"}

@@ -16,7 +16,7 @@ import random
 import pytest
 
 from bus.publisher import EventPublisher
-from dispatcher.models import DeliveryStatus
+from dispatcher.store.models import DeliveryStatus
 from tests.faults import DispatcherProcess, PacedPublisher, duplicates, received_counts, settings_env
 from tests.helpers import deliveries, wait_until
 

@@ -10,8 +10,8 @@ from sqlalchemy import select
 from standardwebhooks.webhooks import Webhook
 
 from bus.publisher import EventPublisher
-from dispatcher.models import Attempt, Delivery
-from dispatcher.tasks import delivery_id
+from dispatcher.delivery.tasks import delivery_id
+from dispatcher.store.models import Attempt, Delivery
 from tests.helpers import wait_until
 
 STEP = {

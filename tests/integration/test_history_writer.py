@@ -9,8 +9,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import func, select
 
-from dispatcher.history import DeliveryRecord, HistoryWriter
-from dispatcher.models import Attempt, Delivery, DeliveryStatus
+from dispatcher.store.history import DeliveryRecord, HistoryWriter
+from dispatcher.store.models import Attempt, Delivery, DeliveryStatus
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -128,7 +128,7 @@ async def test_a_failing_database_holds_the_acks_until_the_rows_are_written(stor
 async def test_a_database_down_past_give_up_settles_the_acks_and_counts_the_rows_lost(store):
     """Past ``give_up_s`` the ack goes out without its row (no redelivery storm), counted in
     ``letta_bus_history_records_lost_total``."""
-    from dispatcher.metrics import HISTORY_LOST
+    from dispatcher.store.history import HISTORY_LOST
 
     before = HISTORY_LOST._value.get()
     writer = HistoryWriter(store, flush_s=0.01, pending_hold_s=0.0, give_up_s=0.6)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from bus.publisher import EventPublisher
-from dispatcher.service import Dispatcher
+from dispatcher.delivery.service import Dispatcher
 from tests.helpers import wait_until
 
 RUN = {"run_id": "run-1", "status": "completed"}

@@ -1,4 +1,4 @@
-"""``webhook_events`` matching (dispatcher.matching) against nats-server itself: for generated patterns and event
+"""``webhook_events`` matching (dispatcher.rules.matching) against nats-server itself: for generated patterns and event
 types, a core NATS subscription on the pattern receives a message published to the event type's subject exactly
 when ``pattern_matches`` says so. The server is the reference implementation of the rules the patterns borrow.
 """
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from bus.connection import connect
 from bus.embedded import EmbeddedServer
-from dispatcher.matching import pattern_matches
+from dispatcher.rules.matching import pattern_matches
 from tests.unit.test_matching_properties import event_types, patterns
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,4 +1,4 @@
-"""Alembic migrations create exactly the schema of dispatcher/models.py, on SQLite and PostgreSQL, upgrade a
+"""Alembic migrations create exactly the schema of dispatcher/store/models.py, on SQLite and PostgreSQL, upgrade a
 database made by create_schema before migrations existed, and go down and up again."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from dispatcher.migrate import alembic_config, current_revision, head_revision, upgrade
-from dispatcher.models import Base
+from dispatcher.store.migrate import alembic_config, current_revision, head_revision, upgrade
+from dispatcher.store.models import Base
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -84,9 +84,9 @@ async def test_downgrade_to_base_and_up_again(db_url):
 async def test_a_database_from_todays_create_schema_is_adopted_as_current(tmp_path):
     """create_schema builds the current models; migrating it afterwards (as `letta-bus up` does) must not try to
     create what is there already."""
-    from dispatcher.migrate import head_revision
-    from dispatcher.secrets import SecretBox, generate_key
-    from dispatcher.store import Store
+    from dispatcher.store.database import Store
+    from dispatcher.store.migrate import head_revision
+    from dispatcher.store.secrets import SecretBox, generate_key
 
     store = Store(f"sqlite+aiosqlite:///{tmp_path}/today.db", secret_box=SecretBox([generate_key()]))
     try:

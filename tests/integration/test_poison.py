@@ -110,7 +110,7 @@ async def test_poison_messages_are_termed_or_skipped_and_the_rest_flows(settings
     traced_headers["traceparent"] = "00-\x01\x02-" + "x" * 9000
     unknown_q_body, unknown_q_headers, unknown_q_id = _envelope("agent.memory.updated", "agent-q", {"block": "x"})
 
-    with caplog.at_level(logging.ERROR, logger="dispatcher.fanout"):
+    with caplog.at_level(logging.ERROR, logger="dispatcher.delivery.fanout"):
         await publish_good(10)
         poison_seqs = []
         for body in not_an_envelope:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from bus.publisher import EventPublisher
-from dispatcher.models import Attempt, Delivery
-from dispatcher.service import Dispatcher
-from dispatcher.store import Store
+from dispatcher.delivery.service import Dispatcher
+from dispatcher.store.database import Store
+from dispatcher.store.models import Attempt, Delivery
 from tests.helpers import wait_until
 from tests.integration.test_end_to_end import STEP
 

@@ -18,9 +18,9 @@ import pytest
 
 from bus.publisher import EventPublisher
 from bus.streams import provision
-from dispatcher.models import DeliveryStatus
-from dispatcher.service import Dispatcher
-from dispatcher.tasks import delivery_id
+from dispatcher.delivery.service import Dispatcher
+from dispatcher.delivery.tasks import delivery_id
+from dispatcher.store.models import DeliveryStatus
 from tests.faults import STEP
 from tests.helpers import attempts, deliveries, wait_until
 

@@ -9,7 +9,7 @@ import json
 from nats.js.errors import NotFoundError
 
 from bus.publisher import EventPublisher
-from dispatcher.tasks import delivery_id
+from dispatcher.delivery.tasks import delivery_id
 from tests.helpers import CATALOG_SAMPLES, attempts, closed_port, deliveries, endpoint_row, wait_drained, wait_until
 
 RUN = CATALOG_SAMPLES["agent.run.completed"]

@@ -9,10 +9,10 @@ from sqlalchemy import select
 from standardwebhooks.webhooks import Webhook
 
 from bus.publisher import EventPublisher
-from dispatcher.models import Attempt, Delivery, Endpoint
-from dispatcher.receiver import verify_letta, verify_standard
-from dispatcher.secrets import SecretBox, generate_key
-from dispatcher.store import Store
+from dispatcher.cli.receiver import verify_letta, verify_standard
+from dispatcher.store.database import Store
+from dispatcher.store.models import Attempt, Delivery, Endpoint
+from dispatcher.store.secrets import SecretBox, generate_key
 from tests.helpers import wait_until
 
 RUN = {"run_id": "run-1", "status": "completed"}
@@ -66,7 +66,7 @@ async def test_key_rotation_reencrypts_every_secret(settings, tmp_path):
 async def test_ssrf_guard_refuses_private_targets_without_connecting(settings, nc, dispatcher_nc, provisioned, tmp_path):
     """With no allowlist, a webhook written before the guard (or pointing at a name that now resolves to a
     private address) is refused at send time: recorded with the reason, no TCP connection, no retry."""
-    from dispatcher.service import Dispatcher
+    from dispatcher.delivery.service import Dispatcher
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))

@@ -12,10 +12,10 @@ from pydantic import SecretStr
 from config.settings import Settings
 from dispatcher.api.auth import ApiKeyError, resolve_api_keys
 from dispatcher.api.validation import unknown_patterns
-from dispatcher.api_client import ApiError
-from dispatcher.delivery_queries import decode_cursor, encode_cursor
-from dispatcher.models import Delivery
-from dispatcher.replay import read_subject
+from dispatcher.cli.api_client import ApiError
+from dispatcher.ops.replay import read_subject
+from dispatcher.store.models import Delivery
+from dispatcher.store.queries import decode_cursor, encode_cursor
 
 
 def test_cursor_round_trip_and_garbage():

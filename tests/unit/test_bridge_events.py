@@ -1,4 +1,4 @@
-"""The bridge's pure mapping from Letta objects to catalog events (dispatcher.bridge_events); the HTTP path is
+"""The bridge's pure mapping from Letta objects to catalog events (dispatcher.bridge.events); the HTTP path is
 tested against a real server in tests/integration/test_bridge.py."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bus.catalog import validate_data
-from dispatcher.bridge_events import (BadLettaData, StepNotTerminal, bridge_event_id, job_event, rfc3339, run_event,
+from dispatcher.bridge.events import (BadLettaData, StepNotTerminal, bridge_event_id, job_event, rfc3339, run_event,
                                       step_event, tool_calls_from)
 from tests.letta_standin import make_failed_step, make_step
 

@@ -1,4 +1,4 @@
-"""``LETTA_BUS_EVENT_LOOP`` picks the event loop ``letta-bus up`` runs on (dispatcher.runtime.run_loop)."""
+"""``LETTA_BUS_EVENT_LOOP`` picks the event loop ``letta-bus up`` runs on (dispatcher.cli.runtime.run_loop)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from config.settings import Settings
-from dispatcher.runtime import run_loop
+from dispatcher.cli.runtime import run_loop
 
 
 def _loop_module(event_loop: str) -> str:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from dispatcher.gates import EndpointGate, RateLimiter
+from dispatcher.delivery.gates import EndpointGate, RateLimiter
 
 
 async def test_circuit_opens_probes_and_doubles_its_cooldown():

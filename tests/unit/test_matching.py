@@ -1,11 +1,11 @@
-"""``webhook_events`` patterns (dispatcher.matching): NATS subject rules over event types."""
+"""``webhook_events`` patterns (dispatcher.rules.matching): NATS subject rules over event types."""
 
 from __future__ import annotations
 
 import pytest
 
 from bus.catalog import CATALOG
-from dispatcher.matching import check_pattern, check_patterns, pattern_matches, wants
+from dispatcher.rules.matching import check_pattern, check_patterns, pattern_matches, wants
 
 
 @pytest.mark.parametrize(

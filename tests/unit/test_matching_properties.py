@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis) of ``webhook_events`` matching (dispatcher.matching) against a reference
+"""Property-based tests (hypothesis) of ``webhook_events`` matching (dispatcher.rules.matching) against a reference
 implementation of NATS subject matching.
 
 The reference follows nats-server's rules token by token (docs.nats.io, "Subject-Based Messaging"; nats-server
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatcher.matching import check_pattern, check_patterns, pattern_matches, wants
+from dispatcher.rules.matching import check_pattern, check_patterns, pattern_matches, wants
 
 PROPS = settings(max_examples=250, deadline=None)
 
@@ -28,7 +28,7 @@ patterns = st.builds(
 
 
 def reference_match(pattern: str, subject: str) -> bool:
-    """NATS subject matching, written from the rules (not from dispatcher.matching)."""
+    """NATS subject matching, written from the rules (not from dispatcher.rules.matching)."""
     p_tokens, s_tokens = pattern.split("."), subject.split(".")
     for i, p in enumerate(p_tokens):
         if p == ">":

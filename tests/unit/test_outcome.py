@@ -1,4 +1,5 @@
-"""The outcome table (dispatcher.outcome): status -> verdict, retry delays with jitter, Retry-After clamping."""
+"""The outcome table (dispatcher.delivery.outcome): status -> verdict, retry delays with jitter, Retry-After
+clamping."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from email.utils import format_datetime
 
 import pytest
 
-from dispatcher.outcome import JITTER, Verdict, classify, parse_retry_after, retry_delay
+from dispatcher.delivery.outcome import JITTER, Verdict, classify, parse_retry_after, retry_delay
 
 
 @pytest.mark.parametrize(

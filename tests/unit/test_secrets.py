@@ -1,4 +1,4 @@
-"""Endpoint secrets at rest (dispatcher.secrets): MultiFernet round trip, key rotation, the development key file,
+"""Endpoint secrets at rest (dispatcher.store.secrets): MultiFernet round trip, key rotation, the development key file,
 and a "database dump" check that a SQLite file holding an encrypted secret contains no plaintext secret bytes."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from dispatcher.secrets import KEYS_SETTING, SecretBox, SecretKeyError, generate_key, load_or_create_key
-from dispatcher.signing import generate_secret
-from dispatcher.store import Store
+from dispatcher.store.database import Store
+from dispatcher.store.secrets import (KEYS_SETTING, SecretBox, SecretKeyError, generate_key, generate_secret,
+                                     load_or_create_key)
 
 pytestmark = pytest.mark.timeout(5)
 
@@ -117,7 +117,7 @@ def test_key_file_with_loose_permissions_is_tightened(tmp_path: Path, caplog):
     path = tmp_path / "secret.key"
     key = load_or_create_key(path)
     path.chmod(0o644)
-    with caplog.at_level(logging.WARNING, logger="dispatcher.secrets"):
+    with caplog.at_level(logging.WARNING, logger="dispatcher.store.secrets"):
         assert load_or_create_key(path) == key
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert "0600" in caplog.text

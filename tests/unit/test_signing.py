@@ -1,5 +1,5 @@
-"""Webhook signatures (dispatcher.signing), checked by the reference ``standardwebhooks`` package and by
-dispatcher.receiver's verifiers."""
+"""Webhook signatures (dispatcher.delivery.signing), checked by the reference ``standardwebhooks`` package and by
+dispatcher.cli.receiver's verifiers."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import time
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from dispatcher.receiver import verify_letta, verify_standard
-from dispatcher.signing import SECRET_PREFIX, Signer, generate_secret, standard_key
+from dispatcher.cli.receiver import verify_letta, verify_standard
+from dispatcher.delivery.signing import Signer, standard_key
+from dispatcher.store.secrets import SECRET_PREFIX, generate_secret
 
 BODY = json.dumps({"event_id": "evt_0190", "event_type": "agent.step.completed", "data": {"step_id": "s"}},
                   separators=(",", ":")).encode()

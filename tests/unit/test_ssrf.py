@@ -1,5 +1,5 @@
-"""SSRF guard (dispatcher.ssrf): the decision functions, the write-time URL check, and the connect-time guard with a
-real aiohttp ClientSession against a real aiohttp server on 127.0.0.1.
+"""SSRF guard (dispatcher.rules.ssrf): the decision functions, the write-time URL check, and the connect-time guard
+with a real aiohttp ClientSession against a real aiohttp server on 127.0.0.1.
 
 "No connection" is proved twice: the server counts every accepted TCP connection (its protocol factory runs once
 per accept), and the client's connector records every connection attempt and refuses, without touching the network,
@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from dispatcher.ssrf import (
+from dispatcher.rules.ssrf import (
     ALLOW_SETTING,
     BlockedAddressError,
     GuardedResolver,

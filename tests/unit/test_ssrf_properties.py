@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis) of the SSRF guard (dispatcher.ssrf): no notation of a non-public address gets
+"""Property-based tests (hypothesis) of the SSRF guard (dispatcher.rules.ssrf): no notation of a non-public address gets
 through.
 
 The reference for "what address does this host denote" is not our parser: it is the operating system's own
@@ -25,7 +25,7 @@ from aiohttp.abc import AbstractResolver
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from dispatcher.ssrf import BlockedAddressError, GuardedResolver, check_webhook_url, vet_url_for_request
+from dispatcher.rules.ssrf import BlockedAddressError, GuardedResolver, check_webhook_url, vet_url_for_request
 
 PROPS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -1,5 +1,5 @@
-"""The sender's HTTP client (dispatcher/webhook_http.py) against real servers on 127.0.0.1: aiohttp's for ordinary
-responses, raw asyncio servers for the framings and failures aiohttp will not produce, and the SSRF guard's
+"""The sender's HTTP client (dispatcher/delivery/webhook_http.py) against real servers on 127.0.0.1: aiohttp's for
+ordinary responses, raw asyncio servers for the framings and failures aiohttp will not produce, and the SSRF guard's
 connect-time checks (names resolved by a stub, connections refused without network I/O unless to 127.0.0.1)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 import yarl
 from aiohttp import web
 
-from dispatcher.ssrf import BlockedAddressError, GuardedResolver
-from dispatcher.webhook_http import WebhookHTTPClient, WebhookHTTPError
+from dispatcher.delivery.webhook_http import WebhookHTTPClient, WebhookHTTPError
+from dispatcher.rules.ssrf import BlockedAddressError, GuardedResolver
 from tests.unit.test_ssrf import LOOPBACK_ALLOW, CountingServer, StubResolver, _self_signed
 
 pytestmark = pytest.mark.timeout(30)

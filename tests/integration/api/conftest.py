@@ -13,9 +13,9 @@ from bus.publisher import EventPublisher
 from config.settings import Settings
 from dispatcher.api.app import create_app
 from dispatcher.api.context import ApiContext
-from dispatcher.receiver import Receiver
-from dispatcher.service import Dispatcher
-from dispatcher.store import Store
+from dispatcher.cli.receiver import Receiver
+from dispatcher.delivery.service import Dispatcher
+from dispatcher.store.database import Store
 
 API_KEY = "lbk_test-key-0123456789abcdef"
 STEP = {"step_id": "step-1", "status": "success", "run_id": "run-1"}

@@ -7,8 +7,8 @@ import asyncio
 import time
 
 from bus.connection import connect
-from dispatcher.control import ChangeListener
-from dispatcher.endpoints import EndpointCache
+from dispatcher.delivery.control import ChangeListener
+from dispatcher.delivery.endpoints import EndpointCache
 from tests.helpers import wait_until
 
 

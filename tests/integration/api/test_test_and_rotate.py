@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from dispatcher.cli.receiver import verify_letta, verify_standard
 from tests.helpers import closed_port
-from dispatcher.receiver import verify_letta, verify_standard
 
 
 async def test_test_event_reports_the_attempt(api):

@@ -1,0 +1,291 @@
+"""Stage 2, send: POST each delivery task to its endpoint, signed, and ack/nak/term by the outcome table.
+
+Source: DESIGN.md, "Delivery" and "HTTP". Tasks stream in (:class:`dispatcher.delivery.fetching.PullStream`, read
+ahead by at most ``pull_batch``) and start as slots free up (``sender_concurrency`` POSTs in flight), so a task
+waits at most briefly between arriving and its POST while its ack_wait runs. The endpoint's url, secret and
+enabled flag are read at send time. The attempt number is JetStream's ``num_delivered``. The ack/nak/term runs
+after the attempt's history is committed (:mod:`dispatcher.store.history`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import yarl
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from bus.tracing import copy_trace_headers
+from config.settings import Settings
+from dispatcher.delivery import metrics
+from dispatcher.delivery.endpoints import EndpointCache, EndpointView
+from dispatcher.delivery.fetching import PullStream
+from dispatcher.delivery.gates import EndpointGate, RateLimiter
+from dispatcher.delivery.health import EndpointHealth
+from dispatcher.delivery.outcome import Verdict, classify, parse_retry_after, retry_delay
+from dispatcher.delivery.scheduling import H_BUSY, H_RATE_SLOT, Rescheduler, attempt_number, round_attempt
+from dispatcher.delivery.tasks import TaskInfo
+from dispatcher.delivery.webhook_http import WebhookHTTPClient, WebhookHTTPError
+from dispatcher.rules.ssrf import BlockedAddressError, parse_allow_cidrs, vet_url_for_request
+from dispatcher.store.history import DeliveryRecord, HistoryWriter
+from dispatcher.store.models import DeliveryStatus
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "Letta-Webhook/1.0"
+_OUTCOMES: dict[str, object] = {}  # outcome -> its child of metrics.OUTCOMES (labels() takes a lock per call)
+_attempt_log = logging.getLogger("letta_bus.attempts")
+
+
+def request_headers(endpoint: EndpointView, task: TaskInfo, body: bytes, now: int,
+                    trace: dict[str, str] | None = None) -> dict[str, str]:
+    """Headers of one webhook POST (DESIGN.md, "HTTP"); ``now`` is Unix seconds (``webhook-timestamp``);
+    ``trace``: the task's headers, whose W3C ``traceparent``/``tracestate`` are passed on."""
+    signer = endpoint.signer
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+        "X-Letta-Event": task.event_type,
+        "X-Letta-Delivery": task.delivery_id,
+        "X-Letta-Signature": signer.letta_signature(body),
+        "webhook-id": task.event_id,
+        "webhook-timestamp": str(now),
+        "webhook-signature": signer.standard_signature(task.event_id, now, body),
+    }
+    return copy_trace_headers(trace, headers)
+
+
+class Sender:
+    """Runs the ``webhook-sender`` durable until ``stop`` is set. Counters: ``succeeded``, ``retried``,
+    ``failed``, ``skipped``, ``deferred``, ``blocked`` (refused by the SSRF guard)."""
+
+    def __init__(
+        self, js: JetStreamContext, settings: Settings, endpoints: EndpointCache, history: HistoryWriter,
+        health: EndpointHealth, rescheduler: Rescheduler, http: WebhookHTTPClient,
+    ) -> None:
+        self.js = js
+        self.settings = settings
+        self.endpoints = endpoints
+        self.history = history
+        self.health = health
+        self.rescheduler = rescheduler
+        self.http = http
+        self.gates: dict[str, EndpointGate] = {}
+        self.limiters: dict[str, RateLimiter] = {}
+        self._free = settings.sender_concurrency  # delivery slots not in use
+        self._slot_freed: asyncio.Future[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self.ssrf_allow = parse_allow_cidrs(settings.ssrf_allow_cidrs)
+        self._urls: dict[str, yarl.URL] = {}  # endpoint URL -> parsed once
+        self._vetted: set[str] = set()  # endpoint URLs the SSRF guard let through (fixed allowlist: no change)
+        self.succeeded = self.retried = self.failed = self.skipped = self.deferred = self.blocked = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Fetch and deliver tasks until ``stop`` is set, then wait for the POSTs in flight to finish."""
+        s = self.settings
+        pull = await PullStream(self.js, s.webhooks_stream, s.sender_durable, read_ahead=s.pull_batch,
+                                who="sender").start()
+        try:
+            while not stop.is_set():
+                if self._free <= 0 and not await self._slot(1.0):  # no free slot within a second: check stop
+                    continue
+                msgs = await pull.take(min(self._free, s.pull_batch))
+                self._free -= len(msgs)
+                for msg in msgs:
+                    task = asyncio.create_task(self._deliver(msg))
+                    self._inflight.add(task)
+                    task.add_done_callback(self._done)
+            if self._inflight:
+                await asyncio.wait(self._inflight, timeout=self.settings.http_timeout_s + 1)
+        finally:
+            await pull.close()
+
+    async def _slot(self, timeout_s: float) -> bool:
+        """Wait at most ``timeout_s`` seconds for a delivery slot to free up; True when one did."""
+        loop = asyncio.get_running_loop()
+        self._slot_freed = waiter = loop.create_future()
+        timer = loop.call_later(timeout_s, lambda: waiter.done() or waiter.set_result(None))
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._slot_freed = None
+        return self._free > 0
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._free += 1
+        waiter = self._slot_freed
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery crashed: %r", task.exception())
+
+    def gate(self, endpoint_id: str) -> EndpointGate:
+        """The concurrency cap and circuit breaker of an endpoint (created on first use)."""
+        gate = self.gates.get(endpoint_id)
+        if gate is None:
+            s = self.settings
+            gate = self.gates[endpoint_id] = EndpointGate(
+                s.endpoint_max_concurrency, s.circuit_failure_threshold, s.circuit_cooldown_s,
+                max_cooldown_s=s.circuit_max_cooldown_s, initial_latency_s=s.http_timeout_s / 5)
+        return gate
+
+    async def _deliver(self, msg: Msg) -> None:
+        try:
+            task = TaskInfo.from_headers(msg.headers)
+        except KeyError as exc:
+            log.error("terminating a message without delivery task header %s on %s", exc, msg.subject)
+            await msg.term()
+            return
+        attempt = attempt_number(msg)
+        endpoint = self.endpoints.get(task.endpoint_id)
+        if endpoint is None or not endpoint.enabled:
+            self.skipped += 1
+            why = "endpoint deleted" if endpoint is None else "endpoint disabled"
+            self._record(task, attempt, DeliveryStatus.SKIPPED, None, 0.0, None, why, ack=msg)
+            return
+        if endpoint.url not in self._vetted:
+            try:
+                vet_url_for_request(endpoint.url, self.ssrf_allow)  # the HTTP client does not resolve IP literals
+            except BlockedAddressError as exc:
+                self._blocked(msg, task, endpoint, attempt, exc)
+                return
+            if len(self._vetted) > 10_000:
+                self._vetted.clear()
+            self._vetted.add(endpoint.url)
+        gate = self.gate(endpoint.id)
+        if msg.headers.pop(H_BUSY, None):
+            gate.returned()
+        wait = gate.blocked_for()
+        if wait is None and not gate.can_wait():
+            wait = gate.busy_delay()
+            msg.headers[H_BUSY] = "1"
+        if wait is None:
+            wait = await self._rate_wait(msg, task.agent_id)
+        if wait is None and not await gate.acquire():  # the circuit opened while this delivery waited
+            wait = gate.blocked_for() or gate.cooldown_s
+        if wait is not None:
+            self.deferred += 1
+            metrics.OUTCOMES.labels("deferred").inc()
+            await self.rescheduler.defer(msg, endpoint.id, wait)
+            return
+        try:
+            status_code, excerpt, error, retry_after, duration_ms = await self._post(endpoint, task, msg)
+        except BlockedAddressError as exc:
+            gate.release(None)
+            self._blocked(msg, task, endpoint, attempt, exc)
+            return
+        metrics.ATTEMPT_SECONDS.observe(duration_ms / 1000)
+        verdict = classify(status_code)
+        gate.release(True if verdict is Verdict.SUCCEEDED else False if verdict is Verdict.RETRY else None,
+                     duration_ms / 1000)
+        if verdict is Verdict.SUCCEEDED:
+            self.succeeded += 1
+            self._record(task, attempt, DeliveryStatus.SUCCEEDED, status_code, duration_ms, excerpt, None, ack=msg)
+            await self.health.succeeded(endpoint)
+            return
+        if verdict is Verdict.RETRY:
+            await self.health.failed(endpoint)
+            n = round_attempt(msg)
+            if n < self.settings.max_attempts:
+                self.retried += 1
+                delay = retry_delay(self.settings.retry_schedule_s, n, parse_retry_after(retry_after))
+                self._record(task, attempt, DeliveryStatus.RETRYING, status_code, duration_ms, excerpt, error,
+                             lambda: self.rescheduler.retry(msg, endpoint.id, delay))
+                return
+            error = f"attempts exhausted ({attempt}); last: {error or f'HTTP {status_code}'}"
+        elif verdict is Verdict.GONE:
+            error = "410 Gone: endpoint disabled"
+            await self.health.disable(endpoint, f"answered 410 Gone to delivery {task.delivery_id}")
+        else:
+            error = error or f"HTTP {status_code}: not retried (only 408, 429 and 5xx are)"
+        self.failed += 1
+        self._record(task, attempt, DeliveryStatus.FAILED, status_code, duration_ms, excerpt, error,
+                     lambda: self.rescheduler.dead_letter(msg, endpoint.id, attempt, error))
+
+    def _blocked(self, msg: Msg, task: TaskInfo, endpoint: EndpointView, attempt: int, exc: BlockedAddressError) -> None:
+        """The SSRF guard refused the target: a final failure, no request was made, nothing is retried."""
+        self.failed += 1
+        self.blocked += 1
+        error = f"SSRF guard: {exc}"
+        log.warning("delivery %s to %s refused: %s", task.delivery_id, endpoint.url, exc)
+        self._record(task, attempt, DeliveryStatus.FAILED, None, 0.0, None, error,
+                     lambda: self.rescheduler.dead_letter(msg, endpoint.id, attempt, error))
+
+    async def _rate_wait(self, msg: Msg, agent_id: str) -> float | None:
+        """Apply the per-agent rate limit: None when the delivery may go now (after a short sleep, at most 1 s),
+        else the seconds to defer it. A task deferred for its rate slot does not reserve a second one."""
+        rate = self.settings.agent_rate_limit_per_s
+        if rate is None:
+            return None
+        slot = msg.headers.get(H_RATE_SLOT) if msg.headers else None
+        if slot is not None:  # deferred earlier: it holds a reserved slot; schedules fire at whole seconds
+            early = float(slot) - time.time()
+            if early > 0:
+                await asyncio.sleep(min(early, 2.0))
+            return None
+        limiter = self.limiters.get(agent_id)
+        if limiter is None:
+            limiter = self.limiters[agent_id] = RateLimiter(rate, self.settings.agent_rate_burst)
+        wait = limiter.reserve()
+        if wait <= 1.0:
+            if wait > 0:
+                await asyncio.sleep(wait)
+            return None
+        msg.headers[H_RATE_SLOT] = f"{time.time() + wait:.3f}"
+        return wait
+
+    async def _post(
+        self, endpoint: EndpointView, task: TaskInfo, msg: Msg,
+    ) -> tuple[int | None, str | None, str | None, str | None, float]:
+        """POST once. Returns (status code, response excerpt, error, Retry-After header, duration in ms)."""
+        body = msg.data
+        headers = request_headers(endpoint, task, body, int(time.time()), msg.headers)
+        url = self._urls.get(endpoint.url)
+        if url is None:
+            if len(self._urls) > 10_000:
+                self._urls.clear()
+            url = self._urls[endpoint.url] = yarl.URL(endpoint.url)
+        start = time.perf_counter()
+        try:
+            result = await self.http.post(url, body, headers)
+        except TimeoutError:
+            return None, None, f"timeout after {self.settings.http_timeout_s:g} s", None, _ms(start)
+        except BlockedAddressError:
+            raise
+        except (WebhookHTTPError, OSError, ValueError) as exc:
+            return None, None, f"{type(exc).__name__}: {exc}", None, _ms(start)
+        excerpt = result.excerpt.decode("utf-8", "replace") if result.excerpt else None
+        return result.status, excerpt, None, result.retry_after, _ms(start)
+
+    def _record(
+        self, task: TaskInfo, attempt: int, status: str, status_code: int | None, duration_ms: float,
+        excerpt: str | None, error: str | None, then: Callable[[], Awaitable[None]] | None = None, *,
+        ack: Msg | None = None,
+    ) -> None:
+        """Count, log and queue the attempt's history; ``then`` (or a plain ``ack`` of that message) runs after
+        the history is committed."""
+        outcome = _OUTCOMES.get(status)
+        if outcome is None:
+            outcome = _OUTCOMES[status] = metrics.OUTCOMES.labels(status)
+        outcome.inc()
+        if _attempt_log.isEnabledFor(logging.INFO):
+            metrics.log_attempt(
+                delivery_id=task.delivery_id, event_id=task.event_id, endpoint_id=task.endpoint_id,
+                agent_id=task.agent_id, event_type=task.event_type, attempt=attempt, outcome=status,
+                status_code=status_code, duration_ms=round(duration_ms, 2), error=error,
+            )
+        self.history.add(DeliveryRecord(
+            delivery_id=task.delivery_id, event_id=task.event_id, endpoint_id=task.endpoint_id,
+            agent_id=task.agent_id, event_type=task.event_type, status=status, attempt=attempt,
+            status_code=status_code, duration_ms=duration_ms, response_excerpt=excerpt, error=error, then=then,
+            ack=ack, event_seq=task.event_seq, replay_id=task.replay_id,
+        ))
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0

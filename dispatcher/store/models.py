@@ -1,0 +1,91 @@
+"""Database tables: webhook endpoints, deliveries (one per event and endpoint) and attempts (one per try).
+
+Source: DESIGN.md, "Storage". Times are timezone-aware UTC; durations are milliseconds.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware UTC."""
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the letta-bus schema."""
+
+
+class DeliveryStatus:
+    """Values of ``deliveries.status``."""
+
+    PENDING = "pending"  # fanned out, not tried yet
+    RETRYING = "retrying"  # last attempt failed, another is scheduled
+    SUCCEEDED = "succeeded"  # a 2xx answer
+    FAILED = "failed"  # terminal: non-retryable answer or attempts exhausted
+    SKIPPED = "skipped"  # endpoint deleted or disabled before the attempt
+
+
+class Endpoint(Base):
+    """A webhook endpoint. ``scope`` is ``agent`` (``agent_id`` set), ``organization`` (``organization_id`` set)
+    or ``global``. ``events`` holds ``webhook_events`` patterns; an empty list means every event."""
+
+    __tablename__ = "endpoints"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(16), default="agent")
+    agent_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    organization_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    secret: Mapped[str] = mapped_column(Text)  # Fernet token (dispatcher.store.secrets), never the plaintext
+    previous_secret: Mapped[str | None] = mapped_column(Text)  # rotated-out secret (Fernet token) ...
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # ... valid until
+    events: Mapped[list[str]] = mapped_column(JSON, default=list)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    failing_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class Delivery(Base):
+    """One event for one endpoint, across all its attempts. ``attempts`` counts tries made so far."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        Index("ix_deliveries_endpoint_created", "endpoint_id", "created_at"),
+        Index("ix_deliveries_agent_created", "agent_id", "created_at"),  # the history API lists by agent, newest first
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(64), index=True)
+    endpoint_id: Mapped[str] = mapped_column(String(64))
+    agent_id: Mapped[str] = mapped_column(String(128), index=True)
+    event_type: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    event_seq: Mapped[int | None] = mapped_column(BigInteger)  # sequence in LETTA_EVENTS (manual retry reads it)
+    replay_id: Mapped[str | None] = mapped_column(String(64))  # set when a replay made this delivery
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Attempt(Base):
+    """One HTTP try of a delivery. ``status_code`` is None when no response came (``error`` says why)."""
+
+    __tablename__ = "attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(String(64), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    duration_ms: Mapped[float] = mapped_column(Float)
+    response_excerpt: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
