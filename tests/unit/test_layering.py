@@ -1,4 +1,5 @@
-"""Imports flow one way: config <- bus <- subscribers <- dispatcher (DESIGN.md, "Layout").
+"""Imports flow one way: config <- bus <- subscribers <- dispatcher (DESIGN.md, "Layout"), and inside the
+dispatcher cli -> api -> ops | bridge -> delivery -> store -> rules (dispatcher/__init__.py).
 
 Walks every import statement (including ones inside functions) of every module with ``ast``; relative imports are
 resolved against the importing module's package.
@@ -33,6 +34,9 @@ FORBIDDEN_LIBRARIES = {
 LIBRARY_EXCEPTIONS = {
     "subscribers/legacy_step_webhook.py": {"httpx"},
 }
+#: the dispatcher's packages, bottom first: a package may import the packages of lower rank. ``ops`` and ``bridge``
+#: share a rank and may not import each other.
+DISPATCHER_RANKS = {"rules": 0, "store": 1, "delivery": 2, "ops": 3, "bridge": 3, "api": 4, "cli": 5}
 
 
 def modules() -> list[tuple[str, Path]]:
@@ -43,8 +47,10 @@ def modules() -> list[tuple[str, Path]]:
     return found
 
 
-def imported_tops(path: Path, root: Path = PROJECT_ROOT) -> set[tuple[str, int]]:
-    """Top-level names of everything ``path`` imports, with line numbers."""
+def imported_modules(path: Path, root: Path = PROJECT_ROOT) -> set[tuple[str, int]]:
+    """Dotted names of everything ``path`` imports, with line numbers: ``from a.b import c`` gives ``a.b.c`` (``c``
+    may be a module or a name in ``a.b``); relative imports resolved; ``<beyond the project root>`` for a relative
+    import that climbs out of it."""
     parts = list(path.relative_to(root).with_suffix("").parts)
     package_parts = parts[:-1]  # the package a module (or an __init__) belongs to
     tree = ast.parse(path.read_text(), filename=str(path))
@@ -52,18 +58,56 @@ def imported_tops(path: Path, root: Path = PROJECT_ROOT) -> set[tuple[str, int]]
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                out.add((alias.name.split(".")[0], node.lineno))
+                out.add((alias.name, node.lineno))
         elif isinstance(node, ast.ImportFrom):
             if node.level == 0:
-                out.add((node.module.split(".")[0], node.lineno))
+                base = node.module.split(".")
             else:
                 up = node.level - 1
                 if up > len(package_parts):
                     out.add(("<beyond the project root>", node.lineno))
                     continue
-                full = package_parts[: len(package_parts) - up] + (node.module.split(".") if node.module else [])
-                top = full[0] if full else "<beyond the project root>"
-                out.add((top, node.lineno))
+                base = package_parts[: len(package_parts) - up] + (node.module.split(".") if node.module else [])
+                if not base:
+                    out.add(("<beyond the project root>", node.lineno))
+                    continue
+            for alias in node.names:
+                out.add((".".join([*base, alias.name]), node.lineno))
+    return out
+
+
+def imported_tops(path: Path, root: Path = PROJECT_ROOT) -> set[tuple[str, int]]:
+    """Top-level names of everything ``path`` imports, with line numbers."""
+    return {(name.split(".")[0], line) for name, line in imported_modules(path, root)}
+
+
+def dispatcher_package(dotted: str) -> str | None:
+    """The dispatcher package a dotted name lies in (``dispatcher.store.models`` -> ``store``), else None."""
+    parts = dotted.split(".")
+    if len(parts) >= 2 and parts[0] == "dispatcher" and parts[1] in DISPATCHER_RANKS:
+        return parts[1]
+    return None
+
+
+def dispatcher_violations(root: Path = PROJECT_ROOT) -> list[str]:
+    """Every import inside ``root/dispatcher`` that runs back up (or sideways) the dispatcher's layers, and every
+    dispatcher module outside the layered packages (besides ``dispatcher/__init__.py``)."""
+    out = []
+    for path in sorted((root / "dispatcher").rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.as_posix() == "dispatcher/__init__.py":
+            continue
+        own = dispatcher_package(".".join(rel.with_suffix("").parts))
+        if own is None:
+            out.append(f"{rel.as_posix()} is outside the packages {sorted(DISPATCHER_RANKS)}")
+            continue
+        for name, line in sorted(imported_modules(path, root)):
+            other = dispatcher_package(name)
+            if name.split(".")[0] == "dispatcher" and other is None and name != "dispatcher":
+                out.append(f"{rel.as_posix()}:{line} imports {name}, outside the layered packages")
+            elif other is not None and other != own and DISPATCHER_RANKS[other] >= DISPATCHER_RANKS[own]:
+                below = sorted(p for p, r in DISPATCHER_RANKS.items() if r < DISPATCHER_RANKS[own])
+                out.append(f"{rel.as_posix()}:{line} imports {name}: {own} may import only {below or 'nothing'}")
     return out
 
 
@@ -131,3 +175,41 @@ def test_relative_imports_are_resolved(tmp_path):
     init = pkg / "__init__.py"
     init.write_text("from .mod import f\n")
     assert {top for top, _ in imported_tops(init, tmp_path)} == {"bus"}
+
+
+def test_dispatcher_layers_flow_one_way():
+    """cli -> api -> ops | bridge -> delivery -> store -> rules; an import that runs back up fails."""
+    assert not dispatcher_violations(), "; ".join(dispatcher_violations())
+
+
+def test_dispatcher_layers_walker_sees_imports():
+    """Self-check: the layers really import each other downwards (else the test above proves nothing)."""
+    seen = set()
+    for path in (PROJECT_ROOT / "dispatcher").rglob("*.py"):
+        own = dispatcher_package(".".join(path.relative_to(PROJECT_ROOT).with_suffix("").parts))
+        seen |= {(own, dispatcher_package(n)) for n, _ in imported_modules(path)
+                 if dispatcher_package(n) not in (None, own)}
+    assert {("store", "rules"), ("delivery", "store"), ("ops", "delivery"), ("api", "ops"),
+            ("cli", "api"), ("cli", "bridge")} <= seen, seen
+
+
+@pytest.mark.parametrize(("module", "source", "expected"), [
+    ("store/x.py", "from dispatcher.delivery.signing import Signer\n", "store may import only ['rules']"),
+    ("delivery/x.py", "def f():\n    from dispatcher.ops import replay\n", "imports dispatcher.ops.replay"),
+    ("ops/x.py", "from dispatcher import bridge\n", "imports dispatcher.bridge"),
+    ("bridge/x.py", "from ..ops.replay import replay\n", "imports dispatcher.ops.replay.replay"),
+    ("rules/x.py", "import dispatcher.store.models\n", "rules may import only nothing"),
+    ("api/x.py", "from dispatcher.cli.app import app\n", "imports dispatcher.cli.app.app"),
+    ("x.py", "", "dispatcher/x.py is outside the packages"),
+    ("cli/x.py", "from dispatcher.legacy import y\n", "outside the layered packages"),
+])
+def test_dispatcher_layers_refuse_upward_imports(tmp_path, module, source, expected):
+    """The check fails on each kind of import that runs back up, sideways between ops and bridge, or out of the
+    layered packages, including relative and function-level imports."""
+    target = tmp_path / "dispatcher" / module
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(source)
+    (tmp_path / "dispatcher" / "store").mkdir(exist_ok=True)
+    (tmp_path / "dispatcher" / "store" / "ok.py").write_text("from dispatcher.rules.ssrf import check_webhook_url\n")
+    found = dispatcher_violations(tmp_path)
+    assert len(found) == 1 and expected in found[0], found
