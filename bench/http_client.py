@@ -1,18 +1,24 @@
 """CPU per webhook POST: the sender's client (dispatcher/delivery/webhook_http.py) against aiohttp's ClientSession.
 
-    .venv/bin/python bench/http_client.py [--requests 20000] [--concurrency 64]
+    .venv/bin/python bench/http_client.py [--requests 20000] [--concurrency 64] [--compare-with OLD.py]
 
 Both send the same signed 1 KB POST (the sender's nine headers) to bench/receiver.py (its own process) over
 keep-alive connections, one after the other, twice each (ABAB), and report requests/s and the CPU seconds this
 process used per request (``resource.getrusage``): the figure that decides how many deliveries one dispatcher
 process can make, and which other load on the machine disturbs much less than the wall-clock rate.
 Last line: ``RESULT client_us_per_post=.. aiohttp_us_per_post=.. ratio=.. client_per_s=.. aiohttp_per_s=..``.
+
+``--compare-with OLD.py`` measures another version of ``webhook_http.py`` (e.g. ``git show HEAD:dispatcher/delivery/
+webhook_http.py > /tmp/old.py``) in place of aiohttp, in the same run (ABAB), so that a change to the client is
+judged against its predecessor under the same load: ``RESULT client_us_per_post=.. baseline_us_per_post=..
+change=+..%``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import resource
 import subprocess
@@ -39,7 +45,16 @@ BODY = json.dumps({"event_id": "evt_x", "event_type": "agent.step.completed",
                    "timestamp": "2026-01-01T00:00:00.000000Z", "agent_id": "agent-x", "data": {"x": "y" * 800}}).encode()
 
 
-async def measure(kind: str, url: yarl.URL, n: int, concurrency: int) -> tuple[float, float]:
+def load_client_class(path: str) -> type:
+    """``WebhookHTTPClient`` of another version of the module, loaded from ``path``."""
+    spec = importlib.util.spec_from_file_location("webhook_http_baseline", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.WebhookHTTPClient
+
+
+async def measure(kind: str, url: yarl.URL, n: int, concurrency: int, client_class: type = WebhookHTTPClient,
+                  ) -> tuple[float, float]:
     """(requests per second, CPU microseconds per request)."""
     slots = asyncio.Semaphore(concurrency)
     if kind == "aiohttp":
@@ -51,7 +66,7 @@ async def measure(kind: str, url: yarl.URL, n: int, concurrency: int) -> tuple[f
                 await resp.content.read(16384)
                 assert resp.status == 200
     else:
-        client = WebhookHTTPClient(None, timeout_s=5, max_idle_per_origin=256)
+        client = client_class(None, timeout_s=5, max_idle_per_origin=256)
 
         async def one() -> None:
             async with slots:
@@ -80,15 +95,23 @@ async def run(args: argparse.Namespace) -> None:
                 raise RuntimeError("bench receiver did not start")
             await asyncio.sleep(0.05)
         url = yarl.URL(f"http://127.0.0.1:{json.loads(port_file.read_text())['port']}/agent-0001")
-        results: dict[str, list[tuple[float, float]]] = {"client": [], "aiohttp": []}
-        for kind in ("client", "aiohttp", "client", "aiohttp"):
-            per_s, us = await measure(kind, url, args.requests, args.concurrency)
+        other = "baseline" if args.compare_with else "aiohttp"
+        baseline = load_client_class(args.compare_with) if args.compare_with else WebhookHTTPClient
+        results: dict[str, list[tuple[float, float]]] = {"client": [], other: []}
+        for kind in ("client", other, "client", other):
+            per_s, us = await measure("client" if kind == "baseline" else kind, url, args.requests,
+                                      args.concurrency, baseline if kind == "baseline" else WebhookHTTPClient)
             results[kind].append((per_s, us))
             print(f"{kind:8s} {per_s:8,.0f} POST/s  {us:6.0f} us CPU per POST")
     finally:
         receiver.terminate()
         receiver.wait(10)
     mean = {k: (sum(r[0] for r in v) / len(v), sum(r[1] for r in v) / len(v)) for k, v in results.items()}
+    if args.compare_with:
+        print(f"RESULT client_us_per_post={mean['client'][1]:.0f} baseline_us_per_post={mean['baseline'][1]:.0f} "
+              f"change={(mean['client'][1] / mean['baseline'][1] - 1) * 100:+.0f}% client_per_s={mean['client'][0]:.0f}"
+              f" baseline_per_s={mean['baseline'][0]:.0f}")
+        return
     print(f"RESULT client_us_per_post={mean['client'][1]:.0f} aiohttp_us_per_post={mean['aiohttp'][1]:.0f} "
           f"ratio={mean['aiohttp'][1] / mean['client'][1]:.1f} client_per_s={mean['client'][0]:.0f} "
           f"aiohttp_per_s={mean['aiohttp'][0]:.0f}")
@@ -98,6 +121,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--compare-with", metavar="OLD.py",
+                        help="another webhook_http.py to measure instead of aiohttp")
     asyncio.run(run(parser.parse_args()))
 
 

@@ -35,6 +35,7 @@ import functools
 import ipaddress
 import re
 import socket
+import time
 from collections.abc import Iterable, Sequence
 from typing import Union
 from urllib.parse import urlsplit
@@ -76,6 +77,11 @@ class BlockedAddressError(OSError):
         return type(self), (self.host, self.address, self.reason)
 
 
+class ResolverBusyError(OSError):
+    """No DNS lookup slot of :class:`GuardedResolver` came free in time: this process is busy resolving other
+    names (errno ``EAGAIN``). A local condition, not the endpoint's fault."""
+
+
 # --- Address classification -----------------------------------------------------------------------------------
 
 def _nets(*pairs: tuple[str, str]) -> tuple[tuple[IPNetwork, str], ...]:
@@ -86,6 +92,8 @@ def _nets(*pairs: tuple[str, str]) -> tuple[tuple[IPNetwork, str], ...]:
 # (https://www.iana.org/assignments/iana-ipv4-special-registry/), RFC 6890.
 _IPV4_BLOCKED = _nets(
     ("169.254.169.254/32", "cloud instance metadata service (link-local, RFC 3927)"),
+    ("168.63.129.16/32", "Azure WireServer, platform DNS and metadata (Microsoft Learn, \"What is IP address "
+                         "168.63.129.16?\")"),
     ("0.0.0.0/32", "unspecified address (RFC 1122, section 3.2.1.3)"),
     ("0.0.0.0/8", "'this network' (RFC 791, RFC 1122)"),
     ("10.0.0.0/8", "private network (RFC 1918)"),
@@ -206,9 +214,9 @@ def blocked_reason(ip: str | IPAddress, allow: Iterable[str | IPNetwork] = ()) -
     RFC, e.g. ``"loopback (RFC 1122)"``.
 
     Refused (IANA special-purpose registries, RFC 6890): loopback, private (RFC 1918), CGNAT 100.64/10, link-local
-    (incl. 169.254.169.254), 0.0.0.0/8, IETF protocol assignments, documentation nets, 198.18/15, multicast,
-    240/4, 255.255.255.255; IPv6 unspecified, loopback, ULA fc00::/7 (incl. fd00:ec2::254), link-local, site-local,
-    multicast, documentation, Teredo, discard-only, anything outside 2000::/3; and IPv6 forms embedding IPv4
+    (incl. 169.254.169.254), Azure's WireServer 168.63.129.16 (public, but every Azure VM's host), 0.0.0.0/8,
+    IETF protocol assignments, documentation nets, 198.18/15, multicast, 240/4, 255.255.255.255; IPv6 unspecified,
+    loopback, ULA fc00::/7 (incl. fd00:ec2::254), link-local, site-local, multicast, documentation, Teredo, discard-only, anything outside 2000::/3; and IPv6 forms embedding IPv4
     (::ffff:0:0/96, ::/96, 64:ff9b::/96, 2002::/16) whose embedded IPv4 is refused. IPv4-compatible ::/96 is
     refused even with a public IPv4 (deprecated, never routed). Raises ``ValueError`` if ``ip`` is not an address.
     """
@@ -403,17 +411,39 @@ class GuardedResolver(AbstractResolver):
 
     ``allow_cidrs``: the allowlist (``LETTA_BUS_SSRF_ALLOW_CIDRS``). ``close()`` closes ``inner`` only when this
     resolver created it; a ``TCPConnector`` does not close a resolver it was given, so the owner closes it.
-    Counters for monitoring: ``resolved`` (lookups passed) and ``refused`` (lookups refused).
+    Counters for monitoring: ``resolved`` (lookups passed), ``refused`` (lookups refused), ``failed`` (lookups
+    that failed or timed out), ``negative_hits`` (answered from the negative cache).
+
+    Bounded, so that a few silent name servers cannot delay every delivery (issue 10): at most ``max_lookups``
+    lookups of ``inner`` run at once (a lookup that timed out keeps its slot until the inner call really returns,
+    so the threads of aiohttp's ``ThreadedResolver`` stay bounded too); concurrent lookups of the same
+    (host, port, family) share one call; each caller waits at most ``lookup_timeout_s`` seconds (slot wait
+    included), then gets ``TimeoutError``; a failure (NXDOMAIN or any ``OSError`` of ``inner``, or a timeout) is
+    remembered for ``negative_ttl_s`` seconds and raised again at once, without a lookup. No slot free within
+    ``lookup_timeout_s`` raises :class:`ResolverBusyError` (a local condition, not cached).
     """
 
     def __init__(
         self, inner: AbstractResolver | None = None, *, allow_cidrs: Sequence[str | IPNetwork] = (),
+        max_lookups: int = 8, lookup_timeout_s: float = 5.0, negative_ttl_s: float = 10.0,
     ) -> None:
+        if max_lookups < 1 or lookup_timeout_s <= 0 or negative_ttl_s < 0:
+            raise ValueError("GuardedResolver: max_lookups must be >= 1, lookup_timeout_s > 0 and negative_ttl_s "
+                             f">= 0 (got {max_lookups}, {lookup_timeout_s}, {negative_ttl_s})")
         self._inner = inner
         self._owns_inner = inner is None
         self.allow = parse_allow_cidrs(allow_cidrs)
+        self.max_lookups = max_lookups
+        self.lookup_timeout_s = lookup_timeout_s
+        self.negative_ttl_s = negative_ttl_s
+        self._slots: asyncio.Semaphore | None = None
+        self._running: dict[tuple[str, int, int], asyncio.Task[list[ResolveResult]]] = {}
+        self._negative: dict[tuple[str, int, int], tuple[float, str]] = {}  # key -> (expires, monotonic; why)
+        self._asking: set[tuple[str, int, int]] = set()  # keys whose lookup holds a slot and runs in inner
         self.resolved = 0
         self.refused = 0
+        self.failed = 0
+        self.negative_hits = 0
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET,
@@ -432,11 +462,7 @@ class GuardedResolver(AbstractResolver):
             if why:
                 self.refused += 1
                 raise BlockedAddressError(host, str(literal), why)
-        if self._inner is None:
-            from aiohttp.resolver import DefaultResolver
-
-            self._inner = DefaultResolver(loop=asyncio.get_running_loop())
-        answers = await self._inner.resolve(host, port, family)
+        answers = await self._lookup(host, port, family)
         vetted: list[ResolveResult] = []
         for answer in answers:
             try:
@@ -452,11 +478,80 @@ class GuardedResolver(AbstractResolver):
         self.resolved += 1
         return vetted
 
+    async def _lookup(self, host: str, port: int, family: socket.AddressFamily) -> list[ResolveResult]:
+        """``inner.resolve`` bounded as the class docstring says."""
+        key = (host, port, int(family))
+        now = time.monotonic()
+        cached = self._negative.get(key)
+        if cached is not None:
+            if cached[0] > now:
+                self.negative_hits += 1
+                raise OSError(errno.EHOSTUNREACH, f"{host}: {cached[1]} (remembered for {self.negative_ttl_s:g} s)")
+            del self._negative[key]
+        task = self._running.get(key)
+        if task is None:
+            if self._inner is None:
+                from aiohttp.resolver import DefaultResolver
+
+                self._inner = DefaultResolver(loop=asyncio.get_running_loop())
+            if self._slots is None:
+                self._slots = asyncio.Semaphore(self.max_lookups)
+            task = self._running[key] = asyncio.ensure_future(self._one_lookup(key, host, port, family, now))
+            task.add_done_callback(_retrieve)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.lookup_timeout_s)
+        except TimeoutError:
+            if task.done():
+                return task.result()  # finished just as the wait ended (raises its error, if any)
+            if key not in self._asking:
+                raise ResolverBusyError(errno.EAGAIN, f"{host}: no DNS lookup slot free within "
+                                        f"{self.lookup_timeout_s:g} s ({self.max_lookups} lookups running)") from None
+            self._remember(key, f"DNS lookup timed out after {self.lookup_timeout_s:g} s")
+            raise TimeoutError(f"{host}: DNS lookup timed out after {self.lookup_timeout_s:g} s") from None
+
+    async def _one_lookup(self, key: tuple[str, int, int], host: str, port: int, family: socket.AddressFamily,
+                          started: float) -> list[ResolveResult]:
+        """The shared lookup of ``key``: a slot (within the lookup timeout), then ``inner.resolve``; the slot is
+        held until ``inner`` returns, even after every caller gave up."""
+        assert self._slots is not None and self._inner is not None
+        try:
+            try:
+                await asyncio.wait_for(self._slots.acquire(), max(0.0, started + self.lookup_timeout_s -
+                                                                    time.monotonic()))
+            except TimeoutError:
+                raise ResolverBusyError(errno.EAGAIN, f"{host}: no DNS lookup slot free within "
+                                        f"{self.lookup_timeout_s:g} s ({self.max_lookups} lookups running)") from None
+            self._asking.add(key)
+            try:
+                return await self._inner.resolve(host, port, family)
+            except OSError as exc:
+                self._remember(key, f"DNS lookup failed: {exc}")
+                raise
+            finally:
+                self._asking.discard(key)
+                self._slots.release()
+        finally:
+            self._running.pop(key, None)
+
+    def _remember(self, key: tuple[str, int, int], why: str) -> None:
+        self.failed += 1
+        if self.negative_ttl_s <= 0:
+            return
+        if len(self._negative) > 10_000:
+            self._negative.clear()
+        self._negative[key] = (time.monotonic() + self.negative_ttl_s, why)
+
     async def close(self) -> None:
         """Close the inner resolver when this resolver created it."""
         if self._owns_inner and self._inner is not None:
             await self._inner.close()
             self._inner = None
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Mark a shared lookup's error as seen: every caller may have stopped waiting for it."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def check_webhook_url_resolved(

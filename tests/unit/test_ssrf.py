@@ -28,6 +28,7 @@ from dispatcher.rules.ssrf import (
     ALLOW_SETTING,
     BlockedAddressError,
     GuardedResolver,
+    ResolverBusyError,
     blocked_reason,
     check_webhook_url,
     check_webhook_url_resolved,
@@ -37,6 +38,7 @@ from dispatcher.rules.ssrf import (
     parse_ip_host,
     vet_url_for_request,
 )
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(5)
 
@@ -59,6 +61,8 @@ BLOCKED_ADDRESSES = [
     ("100.64.0.1", "carrier-grade NAT"),
     ("100.127.255.254", "carrier-grade NAT"),
     ("169.254.169.254", "metadata"),
+    ("168.63.129.16", "Azure WireServer"),  # a public address that every Azure VM reaches as its host's
+    ("::ffff:168.63.129.16", "Azure WireServer"),
     ("169.254.1.1", "link-local"),
     ("fd00:ec2::254", "metadata"),
     ("fc00::1", "unique local"),
@@ -116,7 +120,7 @@ PUBLIC_ADDRESSES = [
 def test_blocked_addresses_are_refused_with_a_reason(address, words):
     reason = blocked_reason(address)
     assert reason is not None and words.lower() in reason.lower(), reason
-    assert "RFC" in reason  # every reason cites its source
+    assert "RFC" in reason or "Microsoft Learn" in reason  # every reason cites its source
     assert not is_public_address(address)
 
 
@@ -677,6 +681,62 @@ async def test_resolver_propagates_dns_failures():
     with pytest.raises(OSError) as info:
         await guard.resolve("missing.example.test", 80)
     assert not isinstance(info.value, BlockedAddressError)
+
+
+class SilentResolver(StubResolver):
+    """A name server that never answers the names in ``silent`` (until ``answer`` is set); counts concurrent
+    lookups (``running``, peak ``most``)."""
+
+    def __init__(self, table, silent: set[str]) -> None:
+        super().__init__(table)
+        self.silent = silent
+        self.answer = asyncio.Event()
+        self.running = self.most = 0
+        self.asked: dict[str, int] = {}
+
+    async def resolve(self, host, port=0, family=socket.AF_INET):  # noqa: ANN001
+        self.asked[host] = self.asked.get(host, 0) + 1
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            if host in self.silent:
+                await self.answer.wait()
+            return await super().resolve(host, port, family)
+        finally:
+            self.running -= 1
+
+
+async def test_resolver_lookups_time_out_are_remembered_and_share_one_call():
+    stub = SilentResolver({"public.example.test": [["93.184.215.14"]]}, silent={"silent.example.test"})
+    guard = GuardedResolver(stub, lookup_timeout_s=0.3, negative_ttl_s=30)
+    outcomes = await asyncio.gather(*(guard.resolve("silent.example.test", 443) for _ in range(5)),
+                                    return_exceptions=True)
+    assert all(isinstance(o, TimeoutError) and "timed out after 0.3 s" in str(o) for o in outcomes)
+    assert stub.asked == {"silent.example.test": 1}, "concurrent lookups of one name share one call"
+    with pytest.raises(OSError, match="remembered for 30 s"):  # at once, without asking the name server again
+        await guard.resolve("silent.example.test", 443)
+    assert stub.asked == {"silent.example.test": 1} and guard.negative_hits == 1
+    assert [a["host"] for a in await guard.resolve("public.example.test", 443)] == ["93.184.215.14"]
+    with pytest.raises(OSError, match="unknown host"):
+        await guard.resolve("missing.example.test", 80)
+    with pytest.raises(OSError, match="remembered"):  # NXDOMAIN is remembered too
+        await guard.resolve("missing.example.test", 80)
+    assert stub.asked["missing.example.test"] == 1
+    stub.answer.set()
+
+
+async def test_resolver_bounds_concurrent_lookups_and_says_when_it_is_busy():
+    silent = {f"silent-{i}.example.test" for i in range(4)}
+    stub = SilentResolver({"public.example.test": [["93.184.215.14"]]}, silent=silent)
+    guard = GuardedResolver(stub, max_lookups=2, lookup_timeout_s=0.3)
+    outcomes = await asyncio.gather(*(guard.resolve(h, 443) for h in sorted(silent)), return_exceptions=True)
+    assert stub.most == 2, "at most max_lookups lookups run at once, even after their callers gave up"
+    assert sum(isinstance(o, ResolverBusyError) for o in outcomes) == 2
+    with pytest.raises(ResolverBusyError, match="no DNS lookup slot free within 0.3 s"):
+        await guard.resolve("public.example.test", 443)  # both slots still held by the silent lookups
+    stub.answer.set()  # the name server answers at last: the slots come back
+    await wait_until(lambda: stub.running == 0)
+    assert [a["host"] for a in await guard.resolve("public.example.test", 443)] == ["93.184.215.14"]
 
 
 async def test_resolver_closes_the_inner_resolver_it_created():
