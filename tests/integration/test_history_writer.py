@@ -110,9 +110,10 @@ async def rename_attempts_table(store, old: str, new: str) -> None:  # noqa: ANN
 
 
 async def test_a_failing_database_holds_the_acks_until_the_rows_are_written(store):
-    """While the database refuses the batch, no ack goes out (the sender stops at max_ack_pending); when it
-    accepts again, the rows are written, then acked, and nothing is counted lost."""
-    writer = HistoryWriter(store, flush_s=0.01, pending_hold_s=0.0, give_up_s=30.0)
+    """While the database cannot take the batch (a missing table: unavailable, not a refusal of these rows), no ack
+    goes out (the sender stops at max_ack_pending); when it accepts again, the rows are written, then acked, and
+    nothing is counted lost or refused."""
+    writer = HistoryWriter(store, flush_s=0.01, pending_hold_s=0.0)
     writer.start()
     await rename_attempts_table(store, "attempts", "attempts_away")
     msg = FakeMsg(store, "dlv_" + "1".zfill(32))
@@ -122,12 +123,80 @@ async def test_a_failing_database_holds_the_acks_until_the_rows_are_written(stor
     await rename_attempts_table(store, "attempts_away", "attempts")
     await wait_until(lambda: msg.rows_at_ack is not None, 10, what="the ack after the database came back")
     await writer.stop()
-    assert writer.lost == 0 and await count(store, Attempt) == 1
+    assert writer.lost == 0 and writer.refused == 0 and await count(store, Attempt) == 1
 
 
-async def test_a_database_down_past_give_up_settles_the_acks_and_counts_the_rows_lost(store):
-    """Past ``give_up_s`` the ack goes out without its row (no redelivery storm), counted in
-    ``letta_bus_history_records_lost_total``."""
+class KeptAlive:
+    """A JetStream message stand-in: counts ``in_progress()`` and records when ``ack()`` came."""
+
+    def __init__(self) -> None:
+        self.in_progress_at: list[float] = []
+        self.acked_at: float | None = None
+
+    async def in_progress(self) -> None:
+        self.in_progress_at.append(asyncio.get_running_loop().time())
+
+    async def ack(self) -> None:
+        self.acked_at = asyncio.get_running_loop().time()
+
+
+async def test_while_the_database_is_unavailable_the_waiting_messages_are_kept_alive_and_nothing_is_lost(store):
+    """Issue 10, "no silent loss": by default nothing is settled without its row; every waiting record's message
+    (``ack`` or ``msg``) gets ``in_progress()`` at once and then every ``keepalive_s`` seconds, so JetStream does not
+    redeliver it; when the database is back every row is written, then every ack and callback runs."""
+    writer = HistoryWriter(store, flush_s=0.01, pending_hold_s=0.0, keepalive_s=0.4)
+    writer.start()
+    await rename_attempts_table(store, "attempts", "attempts_away")
+    loop = asyncio.get_running_loop()
+    msgs = [KeptAlive() for _ in range(6)]
+    called: list[float] = []
+
+    def then(m: KeptAlive):  # noqa: ANN202 - the sender's retry/dead-letter callback settles the message itself
+        async def settle() -> None:
+            called.append(loop.time())
+            await m.ack()
+        return settle
+
+    for i, m in enumerate(msgs):
+        r = attempt(i, m) if i % 2 else attempt(i, None)
+        if not i % 2:
+            r.then, r.msg, r.status = then(m), m, DeliveryStatus.RETRYING
+        writer.add(r)
+    await wait_until(lambda: all(len(m.in_progress_at) >= 4 for m in msgs), 15, what="four keep-alives each")
+    assert all(m.acked_at is None for m in msgs) and not called, "settled while its history could not be written"
+    assert writer.database_down_s > 1.0 and writer.backlog == 6
+    back = loop.time()
+    await rename_attempts_table(store, "attempts_away", "attempts")
+    await wait_until(lambda: all(m.acked_at is not None for m in msgs), 10, what="every ack after the outage")
+    await writer.stop()
+    assert writer.lost == 0 and writer.refused == 0 and writer.database_down_s == 0.0
+    assert await count(store, Attempt) == 6 and await count(store, Delivery) == 6
+    assert len(called) == 3 and all(t >= back for t in called)
+    for m in msgs:
+        gaps = [b - a for a, b in zip(m.in_progress_at, m.in_progress_at[1:])]
+        assert m.in_progress_at[0] - back < 0 and max(gaps) < 0.4 * 3, gaps  # kept alive throughout
+
+
+async def test_stop_during_an_outage_leaves_the_waiting_records_unsettled(store):
+    """Stopping while the database is unavailable retries for ``stop_give_up_s`` seconds, then leaves the records
+    unsettled: no ack without a row (JetStream redelivers them after ack_wait, and the next dispatcher records them)."""
+    writer = HistoryWriter(store, flush_s=0.01, pending_hold_s=0.0, stop_give_up_s=0.5)
+    writer.start()
+    await rename_attempts_table(store, "attempts", "attempts_away")
+    try:
+        msg = KeptAlive()
+        writer.add(attempt(1, msg))
+        await wait_until(lambda: writer.database_down_s > 0, 5, what="the first failed write")
+        await asyncio.wait_for(writer.stop(), 10)
+    finally:
+        await rename_attempts_table(store, "attempts_away", "attempts")
+    assert msg.acked_at is None and writer.unsettled == 1 and writer.lost == 0
+    assert await count(store, Attempt) == 0
+
+
+async def test_with_history_give_up_s_a_database_down_past_it_settles_the_acks_and_counts_the_rows_lost(store):
+    """The optional hard bound (``LETTA_BUS_HISTORY_GIVE_UP_S``, unset by default): past ``give_up_s`` the ack goes
+    out without its row, counted in ``letta_bus_history_records_lost_total``."""
     from dispatcher.store.history import HISTORY_LOST
 
     before = HISTORY_LOST._value.get()
