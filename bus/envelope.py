@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from bus.catalog import CATALOG, EVENT_TYPE_RE
+from bus.names import EVENT_TYPE_MAX, id_problem, match_agent_id, match_event_id, match_organization_id
 
 CONTENT_TYPE = "application/json"
 
@@ -112,22 +113,33 @@ _WELL_FORMED_CACHE = 1024
 
 def check_head(envelope: _E) -> _E:
     """What the struct types cannot say about an envelope (poison published around :class:`EventPublisher`):
-    ``event_id`` and ``agent_id`` are not empty and hold no control characters, ``event_type`` is well-formed (a catalog type or one matching
-    :data:`bus.catalog.EVENT_TYPE_RE`, as publishers require) and ``data`` is a JSON object. Returns ``envelope``;
-    raises ``msgspec.ValidationError`` naming the field. About 0.1 microseconds for a known event type."""
+    ``event_id``, ``agent_id`` and ``organization_id`` (when not null) follow the id grammar of :mod:`bus.names`
+    (ASCII letters, digits and ``_ . : -``; at most 64, 128 and 128 characters), ``event_type`` is well-formed (a
+    catalog type, or one matching :data:`bus.catalog.EVENT_TYPE_RE` of at most 128 characters, as publishers
+    require) and ``data`` is a JSON object. Returns ``envelope``; raises ``msgspec.ValidationError`` naming the
+    field (``- at `$.agent_id```).
+
+    Invariant: these are exactly the checks :meth:`bus.publisher.EventPublisher.build` makes (same functions, same
+    limits), so an event accepted by a publisher is never refused here, and an event refused here was published
+    around letta-bus (raw bytes on ``letta.>``). About 0.8 microseconds for a known event type with three ids (one
+    regular-expression ``fullmatch`` per id, :mod:`bus.names`; 0.4 microseconds before the grammar, measured
+    best of 7 on a loaded 2-core machine)."""
     event_type = envelope.event_type
     if event_type not in _well_formed_types:
-        if not EVENT_TYPE_RE.fullmatch(event_type):
+        if len(event_type) > EVENT_TYPE_MAX or not EVENT_TYPE_RE.fullmatch(event_type):
             raise msgspec.ValidationError(
-                f"Expected a dot-separated lowercase event type like `agent.step.completed`, got {event_type[:80]!r}"
-                " - at `$.event_type`")
+                f"Expected a dot-separated lowercase event type like `agent.step.completed` of at most "
+                f"{EVENT_TYPE_MAX} characters, got {event_type[:80]!r} - at `$.event_type`")
         if len(_well_formed_types) < _WELL_FORMED_CACHE:
             _well_formed_types.add(event_type)
-    # the ids travel in NATS and HTTP headers (webhook-id): no control characters (isprintable: ~50 ns)
-    if not envelope.event_id or not envelope.event_id.isprintable():
-        raise msgspec.ValidationError("Expected a non-empty `str` without control characters - at `$.event_id`")
-    if not envelope.agent_id or not envelope.agent_id.isprintable():
-        raise msgspec.ValidationError("Expected a non-empty `str` without control characters - at `$.agent_id`")
+    # the ids travel in NATS and HTTP headers (webhook-id) and database columns: the grammar of bus.names
+    if not match_event_id(envelope.event_id):
+        raise msgspec.ValidationError(f"{id_problem('event_id', envelope.event_id)} - at `$.event_id`")
+    if not match_agent_id(envelope.agent_id):
+        raise msgspec.ValidationError(f"{id_problem('agent_id', envelope.agent_id)} - at `$.agent_id`")
+    org = envelope.organization_id
+    if org is not None and not match_organization_id(org):
+        raise msgspec.ValidationError(f"{id_problem('organization_id', org)} - at `$.organization_id`")
     data = envelope.data
     if isinstance(data, msgspec.Raw) and memoryview(data)[0] != 0x7B:  # b"{": a Raw value starts at its token
         raise msgspec.ValidationError("Expected `object` - at `$.data`")

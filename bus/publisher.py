@@ -23,6 +23,7 @@ from bus import envelope as env
 from bus.catalog import EventValidationError, validate_data
 from bus.connection import close_client, open_client
 from bus.ids import new_event_id
+from bus.names import EVENT_TYPE_MAX, id_problem
 from bus.tracing import current_trace_headers
 from config.settings import Settings
 
@@ -30,6 +31,22 @@ log = logging.getLogger(__name__)
 
 #: Errors after which the same publish is tried again (same Nats-Msg-Id).
 RETRYABLE = (nats.errors.TimeoutError, NoStreamResponseError, nats.errors.ConnectionReconnectingError)
+
+
+def check_entry_ids(agent_id: object, organization_id: object, event_id: object, event_type: object) -> None:
+    """The id checks of :meth:`EventPublisher.build` (``organization_id`` and ``event_id`` may be ``None``):
+    raises :class:`EventValidationError` naming the first bad field (:func:`bus.names.id_problem`), or naming
+    ``event_type`` when it is longer than :data:`bus.names.EVENT_TYPE_MAX` (its shape is checked by the catalog)."""
+    problem = id_problem("agent_id", agent_id)
+    if problem is None and organization_id is not None:
+        problem = id_problem("organization_id", organization_id)
+    if problem is None and event_id is not None:
+        problem = id_problem("event_id", event_id)
+    if problem is not None:
+        raise EventValidationError(problem)
+    if isinstance(event_type, str) and len(event_type) > EVENT_TYPE_MAX:
+        raise EventValidationError(f"event_type is {len(event_type)} characters, over {EVENT_TYPE_MAX}: use a short "
+                                   "dot-separated type like 'agent.memory.updated'")
 
 
 class PublishError(RuntimeError):
@@ -83,9 +100,16 @@ class EventPublisher:
         self, agent_id: str, event_type: str, data: dict[str, Any], *, organization_id: str | None = None,
         event_id: str | None = None,
     ) -> env.Envelope:
-        """Validate and wrap an event. Raises :class:`bus.catalog.EventValidationError` naming the field."""
-        if not agent_id or not isinstance(agent_id, str):
-            raise EventValidationError("agent_id is required: pass the Letta agent id, e.g. 'agent-<uuid>'")
+        """Validate and wrap an event. ``agent_id``, ``organization_id`` and ``event_id`` follow the id grammar of
+        :mod:`bus.names` (ASCII letters, digits and ``_ . : -``, first a letter or digit; at most 128, 128 and 64
+        characters); ``organization_id`` ``None`` or ``""``: none; ``event_id`` ``None`` or ``""``: a new
+        ``evt_<uuid7 hex>``. ``event_type``: a catalog type or one like ``agent.memory.updated`` (at most 128
+        characters), ``data`` per the catalog.
+
+        Raises :class:`bus.catalog.EventValidationError` (a ``ValueError``) naming the field and the rule. The
+        same checks run at decode (:func:`bus.envelope.check_head`): what this accepts is never refused there."""
+        organization_id = organization_id or None
+        check_entry_ids(agent_id, organization_id, event_id or None, event_type)
         validate_data(event_type, data)
         return env.Envelope(
             event_id=event_id or new_event_id(),
@@ -111,7 +135,8 @@ class EventPublisher:
 
         ``data`` follows the catalog schema of ``event_type`` (bus.catalog); pass ``event_id`` to make a retry
         of your own idempotent. ``traceparent`` (W3C) links the event to a trace; by default the current
-        OpenTelemetry span's is used when there is one. With ``strict=True`` raises :class:`EventValidationError` for bad input and
+        OpenTelemetry span's is used when there is one. With ``strict=True`` raises :class:`EventValidationError`
+        for bad input (ids outside :mod:`bus.names` included) and
         :class:`PublishError` when the broker did not store it after ``publish_attempts`` tries of
         ``publish_timeout_s`` seconds each.
         """
@@ -128,8 +153,9 @@ class EventPublisher:
     async def publish_envelope(self, envelope: env.Envelope, trace: dict[str, str] | None = None) -> PubAck:
         """Publish a built envelope, retrying with the same ``Nats-Msg-Id``. Returns the PubAck
         (``duplicate=True`` when JetStream already had it). ``trace``: W3C trace headers (default: the current
-        OpenTelemetry context's). Raises :class:`EventValidationError` when the encoded event exceeds
-        ``max_event_bytes`` and :class:`PublishError` when it was not stored."""
+        OpenTelemetry context's). Raises :class:`EventValidationError` for an id outside :mod:`bus.names` or when
+        the encoded event exceeds ``max_event_bytes``, and :class:`PublishError` when it was not stored."""
+        check_entry_ids(envelope.agent_id, envelope.organization_id, envelope.event_id, envelope.event_type)
         body = env.encode(envelope)
         if len(body) > self.settings.max_event_bytes:
             raise EventValidationError(

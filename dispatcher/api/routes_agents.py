@@ -8,7 +8,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Body, Depends, HTTPException, Response, status
 
 from dispatcher.api.context import ApiContext, get_ctx
-from dispatcher.api.schemas import EndpointOut, RotateIn, SecretOut, TestResult, WebhookIn
+from dispatcher.api.schemas import AgentIdPath, EndpointOut, RotateIn, SecretOut, TestResult, WebhookIn
 from dispatcher.api.validation import check_endpoint_input
 from dispatcher.ops.ping import send_test
 from dispatcher.store.models import Endpoint
@@ -25,27 +25,27 @@ async def agent_endpoint(agent_id: str, ctx: ApiContext) -> Endpoint:
 
 
 @router.put("", response_model=EndpointOut, responses={201: {"model": EndpointOut}, 422: {}})
-async def put_webhook(agent_id: str, body: WebhookIn, response: Response,
+async def put_webhook(agent_id: AgentIdPath, body: WebhookIn, response: Response,
                       ctx: ApiContext = Depends(get_ctx)) -> EndpointOut:
     """Create or replace the agent's webhook (201 when created; the generated secret is in ``secret``, once)."""
-    check_endpoint_input(ctx.store, url=body.url, events=body.events, secret=body.secret,
-                         allow_unknown_events=body.allow_unknown_events)
+    url = check_endpoint_input(ctx.store, url=body.url, events=body.events, secret=body.secret,
+                               allow_unknown_events=body.allow_unknown_events)
     created = await ctx.store.get_agent_webhook(agent_id) is None
     endpoint, generated = await ctx.store.set_agent_webhook(
-        agent_id, url=body.url, events=body.events, secret=body.secret, enabled=body.enabled)
+        agent_id, url=url, events=body.events, secret=body.secret, enabled=body.enabled)
     response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
     await ctx.changed(endpoint.id, "created" if created else "updated")
     return EndpointOut.of(endpoint, generated)
 
 
 @router.get("", response_model=EndpointOut)
-async def get_webhook(agent_id: str, ctx: ApiContext = Depends(get_ctx)) -> EndpointOut:
+async def get_webhook(agent_id: AgentIdPath, ctx: ApiContext = Depends(get_ctx)) -> EndpointOut:
     """The agent's webhook without its secret (``has_secret`` says whether one is set)."""
     return EndpointOut.of(await agent_endpoint(agent_id, ctx))
 
 
 @router.delete("", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_webhook(agent_id: str, ctx: ApiContext = Depends(get_ctx)) -> Response:
+async def delete_webhook(agent_id: AgentIdPath, ctx: ApiContext = Depends(get_ctx)) -> Response:
     """Delete the agent's webhook; queued deliveries to it are skipped. 404 when it has none."""
     endpoint = await ctx.store.delete_agent_webhook(agent_id)
     if endpoint is None:
@@ -55,7 +55,7 @@ async def delete_webhook(agent_id: str, ctx: ApiContext = Depends(get_ctx)) -> R
 
 
 @router.post("/test", response_model=TestResult, responses={409: {}, 504: {"model": TestResult}})
-async def test_webhook(agent_id: str, response: Response, ctx: ApiContext = Depends(get_ctx)) -> TestResult:
+async def test_webhook(agent_id: AgentIdPath, response: Response, ctx: ApiContext = Depends(get_ctx)) -> TestResult:
     """Send a ``webhook.test`` event through the sender and return the first attempt's outcome (status code,
     duration in ms, error). 409 when the webhook is disabled; 504 when no attempt came within
     ``LETTA_BUS_WEBHOOK_TEST_WAIT_S``."""
@@ -76,7 +76,7 @@ async def run_test(endpoint: Endpoint, response: Response, ctx: ApiContext) -> T
 
 
 @router.post("/rotate-secret", response_model=SecretOut, responses={404: {}, 422: {}})
-async def rotate_secret(agent_id: str, body: RotateIn | None = Body(None),
+async def rotate_secret(agent_id: AgentIdPath, body: RotateIn | None = Body(None),
                         ctx: ApiContext = Depends(get_ctx)) -> SecretOut:
     """Give the webhook a new secret, returned once; the previous one keeps signing (a second
     ``webhook-signature``) for ``LETTA_BUS_SECRET_ROTATION_WINDOW_S`` seconds."""

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, status
 
 from dispatcher.api.context import ApiContext, get_ctx
 from dispatcher.api.schemas import (
-    AttemptOut, DeliveryDetail, DeliveryOut, DeliveryPage, RetryFailedIn, RetryFailedOut, RetryOut,
+    AgentIdPath, AttemptOut, DeliveryDetail, DeliveryOut, DeliveryPage, RetryFailedIn, RetryFailedOut, RetryOut,
 )
 from dispatcher.api.validation import field_error
 from dispatcher.ops.manual_retry import RetryRefused, retry_delivery, retry_failed
@@ -42,8 +42,8 @@ async def page_of(ctx: ApiContext, *, status: str | None, since: datetime | None
 
 @router.get("/v1/agents/{agent_id}/webhook/deliveries", response_model=DeliveryPage)
 async def agent_deliveries(
-    agent_id: str, status_: str | None = Query(None, alias="status", description="pending, retrying, succeeded, "
-                                               "failed or skipped"),
+    agent_id: AgentIdPath,
+    status_: str | None = Query(None, alias="status", description="pending, retrying, succeeded, failed or skipped"),
     event_type: str | None = None, since: datetime | None = Query(None, description="created at or after"),
     until: datetime | None = Query(None, description="created before"), cursor: str | None = None,
     limit: int = Query(50, ge=1, le=500),
@@ -84,7 +84,8 @@ async def retry(delivery_id: str, ctx: ApiContext = Depends(get_ctx)) -> RetryOu
 
 
 @router.post("/v1/agents/{agent_id}/webhook/retry-failed", response_model=RetryFailedOut, status_code=202)
-async def retry_all_failed(agent_id: str, body: RetryFailedIn, ctx: ApiContext = Depends(get_ctx)) -> RetryFailedOut:
+async def retry_all_failed(agent_id: AgentIdPath, body: RetryFailedIn,
+                           ctx: ApiContext = Depends(get_ctx)) -> RetryFailedOut:
     """Retry the agent webhook's failed deliveries created since ``since`` (at most ``limit``, oldest first).
     Returns how many were queued and how many failed ones remain past the limit."""
     endpoint = await ctx.store.get_agent_webhook(agent_id)

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, HTTPException, status
 
 from dispatcher.api.context import ApiContext, get_ctx
 from dispatcher.api.routes_agents import agent_endpoint
-from dispatcher.api.schemas import ReplayIn, ReplayOut
+from dispatcher.api.schemas import AgentIdPath, ReplayIn, ReplayOut
 from dispatcher.api.validation import check_endpoint_input, field_error
 from dispatcher.ops.replay import replay
 
@@ -16,7 +16,7 @@ router = APIRouter(tags=["replay"])
 
 @router.post("/v1/agents/{agent_id}/webhook/replay", response_model=ReplayOut, status_code=202,
              responses={404: {}, 409: {}, 422: {}})
-async def replay_events(agent_id: str, body: ReplayIn, ctx: ApiContext = Depends(get_ctx)) -> ReplayOut:
+async def replay_events(agent_id: AgentIdPath, body: ReplayIn, ctx: ApiContext = Depends(get_ctx)) -> ReplayOut:
     """Queue a delivery for each of the agent's events published in [since, until) that matches ``events``
     (default: the webhook's patterns), as far back as the stream keeps events, including events from before the
     webhook existed or while it was disabled. Replayed deliveries are rows of their own (``replayed``: true).

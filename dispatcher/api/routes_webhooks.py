@@ -40,12 +40,12 @@ async def list_webhooks(scope: Scope | None = None, agent_id: str | None = None,
 async def create_webhook(body: EndpointIn, ctx: ApiContext = Depends(get_ctx)) -> EndpointOut:
     """Create an endpoint; the generated secret (when none was given) is in ``secret``, once. 409 when an
     agent-scoped endpoint exists for the agent already."""
-    check_endpoint_input(ctx.store, url=body.url, events=body.events, secret=body.secret,
-                         allow_unknown_events=body.allow_unknown_events, scope=body.scope, agent_id=body.agent_id,
-                         organization_id=body.organization_id)
+    url = check_endpoint_input(ctx.store, url=body.url, events=body.events, secret=body.secret,
+                               allow_unknown_events=body.allow_unknown_events, scope=body.scope,
+                               agent_id=body.agent_id, organization_id=body.organization_id)
     try:
         endpoint, generated = await ctx.store.create_endpoint(
-            scope=body.scope, agent_id=body.agent_id, organization_id=body.organization_id, url=body.url,
+            scope=body.scope, agent_id=body.agent_id, organization_id=body.organization_id, url=url,
             events=body.events, secret=body.secret, enabled=body.enabled)
     except EndpointConflict as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
@@ -61,10 +61,10 @@ async def get_webhook(endpoint_id: str, ctx: ApiContext = Depends(get_ctx)) -> E
 @router.patch("/{endpoint_id}", response_model=EndpointOut, responses={404: {}, 422: {}})
 async def patch_webhook(endpoint_id: str, body: EndpointPatch, ctx: ApiContext = Depends(get_ctx)) -> EndpointOut:
     """Change url, events, secret or enabled; scope and owner are fixed (delete and create instead)."""
-    check_endpoint_input(ctx.store, url=body.url, events=body.events, secret=body.secret,
-                         allow_unknown_events=body.allow_unknown_events)
+    url = check_endpoint_input(ctx.store, url=body.url, events=body.events, secret=body.secret,
+                               allow_unknown_events=body.allow_unknown_events)
     try:
-        endpoint = await ctx.store.update_endpoint(endpoint_id, url=body.url, events=body.events,
+        endpoint = await ctx.store.update_endpoint(endpoint_id, url=url, events=body.events,
                                                    secret=body.secret, enabled=body.enabled)
     except LookupError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None

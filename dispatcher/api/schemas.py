@@ -4,15 +4,36 @@ Unknown request fields are refused (422), so a misspelt field never passes silen
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import Path
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from bus.names import AGENT_ID_MAX, ORGANIZATION_ID_MAX, check_id, id_regex
 from dispatcher.store.models import Attempt, Delivery, Endpoint
 from dispatcher.store.queries import aware
 
 Scope = Literal["agent", "organization", "global"]
 _strict = ConfigDict(extra="forbid")
+
+
+def _grammar(field: str, max_len: int) -> tuple[AfterValidator, dict[str, Any]]:
+    """The id grammar of :mod:`bus.names` as a pydantic validator (a 422 naming the field, with the rule and the
+    bad character) and as the OpenAPI ``pattern`` / ``maxLength`` of the field."""
+    return AfterValidator(lambda v: v if v is None else check_id(field, v)), {"pattern": id_regex(max_len),
+                                                                             "maxLength": max_len}
+
+
+_agent_check, _agent_schema = _grammar("agent_id", AGENT_ID_MAX)
+_org_check, _org_schema = _grammar("organization_id", ORGANIZATION_ID_MAX)
+_empty_is_none = BeforeValidator(lambda v: None if v == "" else v)
+
+#: ``{agent_id}`` in a path: a Letta agent id per :mod:`bus.names` (422 naming ``agent_id`` otherwise).
+AgentIdPath = Annotated[str, Path(description="Letta agent id, e.g. agent-<uuid4> (bus.names)",
+                                  json_schema_extra=_agent_schema), _agent_check]
+#: Optional owner ids in a body; ``""`` counts as absent.
+OptionalAgentId = Annotated[str | None, Field(json_schema_extra=_agent_schema), _empty_is_none, _agent_check]
+OptionalOrganizationId = Annotated[str | None, Field(json_schema_extra=_org_schema), _empty_is_none, _org_check]
 
 
 class WebhookIn(BaseModel):
@@ -34,8 +55,8 @@ class EndpointIn(WebhookIn):
     ``organization`` needs ``organization_id``, ``global`` receives every agent's events."""
 
     scope: Scope
-    agent_id: str | None = Field(None, max_length=128)
-    organization_id: str | None = Field(None, max_length=128)
+    agent_id: OptionalAgentId = None
+    organization_id: OptionalOrganizationId = None
 
 
 class EndpointPatch(BaseModel):

@@ -11,7 +11,8 @@ Point Letta at it (see README, "Plugging into Letta"):
   those count as runs.
 
 Answers: 200 ``{"event_id", "event_type", "duplicate"}`` only after JetStream's PubAck; 401 without the key; 422
-naming the field for bad input (or an id Letta does not know); 502 when the Letta REST read fails and 503 when
+naming the field for bad input (or an id Letta does not know, or an agent / organization id outside the id
+grammar of :mod:`bus.names`, which the bus cannot carry); 502 when the Letta REST read fails and 503 when
 NATS does not store the event, so a sender that retries (Letta itself tries each notification once) gets the event
 in. Event ids derive from the Letta ids (:func:`dispatcher.bridge.events.bridge_event_id`): a repeated
 notification within the stream's duplicate window (2 min) is acknowledged as ``duplicate`` and stored once.
@@ -35,6 +36,7 @@ from nats.aio.client import Client
 
 from bus.catalog import EventValidationError
 from bus.connection import close_client, connect
+from bus.names import id_problem
 from bus.publisher import EventPublisher, PublishError
 from config.settings import Settings
 from dispatcher.bridge import events as be
@@ -180,6 +182,10 @@ class Bridge:
             raise BridgeError(502, f"reading Letta failed, try again: {exc}") from None
 
     async def _publish(self, event: be.BridgeEvent) -> Published:
+        for field, value in (("agent_id", event.agent_id), ("organization_id", event.organization_id)):
+            # from Letta (or the callback's metadata): refused here, with a 422, if the bus could not carry it
+            if value is not None and (problem := id_problem(field, value)) is not None:
+                raise BridgeError(422, f"{field}: {event.event_type} not published: {problem}")
         try:
             envelope = self.publisher.build(event.agent_id, event.event_type, event.data,
                                             organization_id=event.organization_id, event_id=event.event_id)

@@ -20,6 +20,17 @@ app = typer.Typer(help="Configure agents' webhooks (through the API; set/rotate-
                   no_args_is_help=True)
 
 
+def check_id_option(option: str, field: str, value: str | None) -> None:
+    """Exit 2 naming ``option`` (``--agent``, ``AGENT_ID``) when ``value`` is not a valid ``field`` per the id
+    grammar of :mod:`bus.names`; ``None`` passes (an option not given)."""
+    from rich.markup import escape
+
+    from bus.names import id_problem
+
+    if value is not None and (problem := id_problem(field, value)) is not None:
+        raise fail(escape(f"{option}: {problem}"), 2)
+
+
 def _patterns(events: list[str] | None) -> list[str]:
     return [p.strip() for item in events or [] for p in item.split(",") if p.strip()]
 
@@ -47,8 +58,14 @@ def webhooks_set(
     allow_unknown_events: Annotated[bool, typer.Option(help="accept patterns matching no catalog event type")] = False,
 ) -> None:
     """Create or replace an agent's webhook; running dispatchers apply it within a second."""
+    from dispatcher.api.validation import normalize_webhook_url
     from dispatcher.cli.api_client import ApiClient, ApiError, ApiUnreachable
 
+    check_id_option("AGENT_ID", "agent_id", agent_id)
+    try:
+        url = normalize_webhook_url(url)
+    except ValueError as exc:
+        raise fail(f"--url: {exc}", 2) from None
     settings = settings_or_exit()
     body = {"url": url, "events": _patterns(events), "secret": secret, "enabled": not disabled,
             "allow_unknown_events": allow_unknown_events}
@@ -96,6 +113,7 @@ def _set_in_database(settings, agent_id: str, body: dict[str, Any]) -> dict[str,
 def webhooks_get(agent_id: Annotated[str, typer.Argument(help="Letta agent id")],
                  as_json: Annotated[bool, typer.Option("--json", help="print the API's JSON")] = False) -> None:
     """Show an agent's webhook (without its secret)."""
+    check_id_option("AGENT_ID", "agent_id", agent_id)
     e = api_call(settings_or_exit(), lambda c: c.call("GET", f"/v1/agents/{agent_id}/webhook"))
     console.print_json(data=e) if as_json else print_endpoint(e)
 
@@ -120,6 +138,7 @@ def webhooks_list(scope: Annotated[Optional[str], typer.Option(help="agent, orga
 @app.command("rm")
 def webhooks_rm(agent_id: Annotated[str, typer.Argument(help="Letta agent id")]) -> None:
     """Delete an agent's webhook; deliveries already queued for it are skipped."""
+    check_id_option("AGENT_ID", "agent_id", agent_id)
     api_call(settings_or_exit(), lambda c: c.call("DELETE", f"/v1/agents/{agent_id}/webhook"))
     console.print(f"webhook of {agent_id} deleted")
 
@@ -129,6 +148,7 @@ def webhooks_test(agent_id: Annotated[str, typer.Argument(help="Letta agent id")
     """Send a webhook.test event through the dispatcher and show the attempt (exit 1 unless it succeeded)."""
     from dispatcher.cli.api_client import ApiClient, ApiError, ApiUnreachable
 
+    check_id_option("AGENT_ID", "agent_id", agent_id)
     settings = settings_or_exit()
     try:
         with ApiClient(settings, timeout_s=settings.webhook_test_wait_s + 10) as client:
@@ -157,6 +177,7 @@ def webhooks_rotate_secret(
     """Give an agent's webhook a new secret; the old one keeps signing for LETTA_BUS_SECRET_ROTATION_WINDOW_S."""
     from dispatcher.cli.api_client import ApiClient, ApiError, ApiUnreachable
 
+    check_id_option("AGENT_ID", "agent_id", agent_id)
     settings = settings_or_exit()
     try:
         with ApiClient(settings) as client:

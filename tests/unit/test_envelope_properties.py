@@ -2,7 +2,8 @@
 
 * Round trip: any envelope whose ``data`` JSON can carry (strings, integers of any size, finite floats, booleans,
   null, lists and objects, nested) encodes to JSON that decodes back to an equal envelope, and ``decode_head``
-  keeps ``data`` as the exact raw JSON; ids with a control character (they travel in headers) are refused.
+  keeps ``data`` as the exact raw JSON; ids with a control character (they travel in headers) are refused (the
+  whole id grammar, and that it is the publisher's, is tested in tests/unit/test_names.py).
 * Robustness: ``decode`` and ``decode_head`` of arbitrary bytes (random, JSON documents of any shape, envelope
   bodies with one byte changed, deep nesting) either return an envelope or raise one of msgspec's errors, never
   anything else: a consumer that catches ``msgspec.DecodeError`` / ``msgspec.ValidationError`` can term poison
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 
 from bus import envelope as env
 from bus.catalog import CATALOG, EVENT_TYPE_RE
+from bus.names import AGENT_ID_MAX, EVENT_ID_MAX, EVENT_TYPE_MAX, ORGANIZATION_ID_MAX, id_pattern
 
 PROPS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -32,16 +34,20 @@ json_values = st.recursive(
     json_scalars, lambda inner: st.one_of(st.lists(inner, max_size=5), st.dictionaries(st.text(), inner, max_size=5)),
     max_leaves=30,
 )
-event_types = st.one_of(st.sampled_from(sorted(CATALOG)), st.from_regex(EVENT_TYPE_RE, fullmatch=True))
-#: Ids travel in headers: printable text (str.isprintable), which is what decoding accepts.
-ids = st.text(st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs")), min_size=1)
+#: at most EVENT_TYPE_MAX characters (deliveries.event_type), as publishers and decoding require since issue 10
+event_types = st.one_of(st.sampled_from(sorted(CATALOG)),
+                        st.from_regex(EVENT_TYPE_RE, fullmatch=True).filter(lambda t: len(t) <= EVENT_TYPE_MAX))
+#: Ids travel in headers: the grammar of bus.names (ASCII letters, digits, ``_ . : -``), which is what decoding
+#: accepts (until issue 10 any printable text was, non-ASCII and 5,000 characters included).
+event_ids = st.from_regex(id_pattern(EVENT_ID_MAX), fullmatch=True)
+agent_ids = st.from_regex(id_pattern(AGENT_ID_MAX), fullmatch=True)
 envelopes = st.builds(
     env.Envelope,
-    event_id=ids,
+    event_id=event_ids,
     event_type=event_types,
     timestamp=st.datetimes(timezones=st.just(timezone.utc)).map(env.utc_timestamp),
-    agent_id=ids,
-    organization_id=st.none() | st.text(),
+    agent_id=agent_ids,
+    organization_id=st.none() | st.from_regex(id_pattern(ORGANIZATION_ID_MAX), fullmatch=True),
     data=st.dictionaries(st.text(), json_values, max_size=8),
 )
 
