@@ -25,15 +25,23 @@ Roles (README, "Security of the bus"):
                 (manual retry, and replay by batched direct get: no consumers on the events stream but its own
                 durable, so it cannot read from or delete other services' durables), creates and deletes the
                 short-lived consumers of dead-letter listing on its own stream, deletes resent dead letters, and
-                uses the endpoint control subject. No stream admin, and it may not delete its own durables.
+                uses the endpoint control subject, pulls and acks its ``webhook-exhausted`` durable on
+                ``LETTA_ADVISORIES`` and reads delivery tasks by sequence (max_deliver exhaustion). No stream admin,
+                and it may not delete its own durables.
 ``publisher``   Letta: publishes ``letta.>`` and reads its PubAcks; nothing under ``$JS.API``.
 ``subscriber``  internal services: its own consumers on the events stream (create, pull, ack, delete), reads
                 the events stream; may not touch the dispatcher's ``webhook-fanout`` durable, publish events, or
                 administer streams.
+``svc-<name>``  one internal service (``letta-bus nats-auth add-service <name>``; :func:`service_permissions`):
+                only the durables named for it (create, info, pull, ack, delete), plus ``$JS.API.INFO``, stream
+                names and the events stream's info that clients of every language call on start. The shared
+                ``subscriber`` role may not touch those durables.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -74,10 +82,13 @@ def inbox_prefix(user: str) -> str:
     return f"_INBOX.{user}"
 
 
-def role_permissions(role: Role, settings: Settings, *, inbox: str | None = None) -> Permissions:
+def role_permissions(role: Role, settings: Settings, *, inbox: str | None = None,
+                     service_durables: Sequence[str] = ()) -> Permissions:
     """The permissions of ``role`` for the streams, durables and subjects named in ``settings``. ``inbox``: the
-    role's reply prefix (default :func:`inbox_prefix` of :func:`user_name`). Raises ``ValueError`` for an unknown
-    role."""
+    role's reply prefix (default :func:`inbox_prefix` of :func:`user_name`). ``service_durables``: durables on the
+    events stream owned by a service identity (:func:`service_permissions`); the shared ``subscriber`` role may not
+    create, pull, ack or delete them, as it may not the dispatcher's ``webhook-fanout``. Raises ``ValueError`` for
+    an unknown role."""
     inbox_sub = f"{inbox or inbox_prefix(user_name(role))}.>"
     events, webhooks = settings.events_stream, settings.webhooks_stream
     fanout, sender = settings.fanout_durable, settings.sender_durable
@@ -104,6 +115,12 @@ def role_permissions(role: Role, settings: Settings, *, inbox: str | None = None
                 f"{api}.CONSUMER.CREATE.{webhooks}.*.>",  # dead-letter listing
                 f"{api}.CONSUMER.DELETE.{webhooks}.*",
                 f"{api}.STREAM.MSG.DELETE.{webhooks}",  # a resent dead letter leaves the stream
+                # max_deliver exhaustion (dispatcher/delivery/exhausted.py): pull and ack the captured advisories,
+                # read the task JetStream gave up on by its sequence
+                f"{api}.CONSUMER.MSG.NEXT.{settings.advisories_stream}.{settings.exhausted_durable}",
+                f"$JS.ACK.{settings.advisories_stream}.{settings.exhausted_durable}.>",
+                f"{api}.CONSUMER.INFO.{settings.advisories_stream}.{settings.exhausted_durable}",
+                f"{api}.STREAM.MSG.GET.{webhooks}",
                 settings.control_subject,
             ],
             publish_deny=[f"{api}.CONSUMER.DELETE.{webhooks}.{sender}"],
@@ -126,14 +143,84 @@ def role_permissions(role: Role, settings: Settings, *, inbox: str | None = None
                 f"{api}.DIRECT.GET.{events}",
                 f"{api}.DIRECT.GET.{events}.>",
             ],
-            publish_deny=[  # the dispatcher's durable on the same stream: no reconfiguring, stealing or acking
-                f"{api}.CONSUMER.CREATE.{events}.{fanout}",
-                f"{api}.CONSUMER.CREATE.{events}.{fanout}.>",
-                f"{api}.CONSUMER.DURABLE.CREATE.{events}.{fanout}",
-                f"{api}.CONSUMER.DELETE.{events}.{fanout}",
-                f"{api}.CONSUMER.MSG.NEXT.{events}.{fanout}",
-                f"$JS.ACK.{events}.{fanout}.>",
-            ],
+            # the dispatcher's durable on the same stream, and every service identity's: no reconfiguring,
+            # stealing, acking or deleting; the legacy step webhook's durable (this role's own) may not be deleted
+            # (issue 10, finding 9: a deleted one came back with deliver_policy new, skipping what was pending)
+            publish_deny=[*(s for d in (fanout, *service_durables) for s in _durable_subjects(events, d)),
+                          f"{api}.CONSUMER.DELETE.{events}.{settings.legacy_webhook_durable}"],
             subscribe_allow=[inbox_sub],
         )
     raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+
+
+# --- service identities ---------------------------------------------------------------------------------------
+
+#: A service name: lower-case letter first, then lower-case letters, digits, ``-`` and ``_`` (it is also the name
+#: of the service's durable, and durable names may not hold ``.``, ``*``, ``>`` or spaces), 1-48 characters.
+SERVICE_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,47}$")
+SERVICE_USER_PREFIX = "svc-"
+
+
+def service_user(service: str) -> str:
+    """The NATS user of a service identity: ``svc-<service>`` (``billing`` -> ``svc-billing``)."""
+    return f"{SERVICE_USER_PREFIX}{service}"
+
+
+def check_service_durables(service: str, durables: Sequence[str], settings: Settings) -> list[str]:
+    """Validate a service name and the durables it owns; returns them (``[service]`` when ``durables`` is empty,
+    else ``durables`` without duplicates, in order).
+
+    The rule: service ``billing`` owns the durable ``billing`` and any ``billing-<suffix>`` it is given; each name
+    must match :data:`SERVICE_NAME_RE`. NATS permissions match whole subject tokens only (``*`` is one token, there
+    is no ``billing-*``), so each owned durable is listed by name in the server config. The dispatcher's durables
+    and the legacy step-complete webhook's (which runs as the shared subscriber role) cannot be owned. Raises
+    ``ValueError`` naming the bad name and the fix."""
+    if not SERVICE_NAME_RE.match(service):
+        raise ValueError(f"service name {service!r}: use 1-48 lower-case letters, digits, '-' and '_', starting with a "
+                         "letter (e.g. 'billing'); it also names the service's durable")
+    owned = list(dict.fromkeys(durables or [service]))
+    reserved = {settings.fanout_durable, settings.sender_durable, settings.legacy_webhook_durable}
+    for name in owned:
+        if name != service and not (name.startswith(f"{service}-") and SERVICE_NAME_RE.match(name)):
+            raise ValueError(f"durable {name!r} of service {service!r}: a service owns only durables named "
+                             f"{service!r} or {service!r} + '-<suffix>' (lower-case letters, digits, '-', '_')")
+        if name in reserved:
+            raise ValueError(f"durable {name!r} belongs to letta-bus itself (LETTA_BUS_FANOUT_DURABLE, "
+                             "LETTA_BUS_SENDER_DURABLE, LETTA_BUS_LEGACY_WEBHOOK_DURABLE): pick another service name")
+    return owned
+
+
+def service_permissions(service: str, durables: Sequence[str], settings: Settings, *,
+                        inbox: str | None = None) -> Permissions:
+    """The permissions of the service identity ``service`` (user :func:`service_user`) owning ``durables`` (names
+    checked by :func:`check_service_durables`) on the events stream.
+
+    Allowed: what a JetStream client of any language needs to start (``$JS.API.INFO``: account info, which nats.js
+    ``jetstreamManager()`` requests first; ``$JS.API.STREAM.NAMES``: stream lookup by subject; stream info of the
+    events stream) and, for each owned durable only, create/update (``CONSUMER.CREATE`` with or without a filter
+    subject token, the legacy ``CONSUMER.DURABLE.CREATE``), info, delete, pull (``CONSUMER.MSG.NEXT``) and
+    ack/nak/term/in-progress (``$JS.ACK.<stream>.<durable>.>``); replies on its own ``inbox`` prefix only (default
+    ``_INBOX.svc-<service>``; nats.js and Go default to ``_INBOX``, so they set it: README). Everything else is
+    denied by omission: other consumers (create, delete, pull, ack, info), ephemeral consumers, consumer and stream
+    lists with configs (``CONSUMER.LIST|NAMES``, ``STREAM.LIST``), stream admin, direct gets, publishing events
+    (``letta.>``) and the webhooks stream. Raises ``ValueError`` like :func:`check_service_durables`."""
+    owned = check_service_durables(service, durables, settings)
+    events, api = settings.events_stream, "$JS.API"
+    per_durable = [s for d in owned for s in (*_durable_subjects(events, d), f"{api}.CONSUMER.INFO.{events}.{d}")]
+    return Permissions(
+        publish_allow=[f"{api}.INFO", f"{api}.STREAM.NAMES", f"{api}.STREAM.INFO.{events}", *per_durable],
+        subscribe_allow=[f"{inbox or inbox_prefix(service_user(service))}.>"],
+    )
+
+
+def _durable_subjects(stream: str, durable: str) -> list[str]:
+    """The subjects that create/update, delete, pull from and ack the durable ``durable`` of ``stream``."""
+    api = "$JS.API"
+    return [
+        f"{api}.CONSUMER.CREATE.{stream}.{durable}",
+        f"{api}.CONSUMER.CREATE.{stream}.{durable}.>",  # with one filter subject (nats-py, nats.js)
+        f"{api}.CONSUMER.DURABLE.CREATE.{stream}.{durable}",  # the legacy create API
+        f"{api}.CONSUMER.DELETE.{stream}.{durable}",
+        f"{api}.CONSUMER.MSG.NEXT.{stream}.{durable}",
+        f"$JS.ACK.{stream}.{durable}.>",
+    ]

@@ -20,7 +20,7 @@ app.add_typer(webhooks.app, name="webhooks")
 app.add_typer(history.deliveries_app, name="deliveries")
 app.command("replay")(history.replay)
 app.command("status")(status.status)
-app.command("nats-auth")(broker.nats_auth)
+app.add_typer(broker.nats_auth_app, name="nats-auth")
 app.command("provision")(broker.provision)
 secrets_app = typer.Typer(help="Encryption keys of the stored webhook secrets.", no_args_is_help=True)
 app.add_typer(secrets_app, name="secrets")
@@ -109,6 +109,9 @@ def publish(
     from bus.connection import connect
     from bus.publisher import EventPublisher, PublishError
 
+    webhooks.check_id_option("--agent", "agent_id", agent)
+    webhooks.check_id_option("--org", "organization_id", organization)
+    webhooks.check_id_option("--event-id", "event_id", event_id)
     settings = _settings()
     try:
         payload = json.loads(data)
