@@ -3,6 +3,8 @@
 Source: DESIGN.md, "Events" and "Delivery". ``LETTA_EVENTS`` keeps every event (limits retention, file storage,
 ``max_age`` = the replay window, 2-minute duplicate window). ``LETTA_WEBHOOKS`` keeps per-endpoint delivery tasks;
 it is deliberately not a WorkQueue stream (nats-server #7817 lost messages with R3 WorkQueue on 2.12.3/4).
+``LETTA_ADVISORIES`` keeps JetStream's MAX_DELIVERIES advisories of the dispatcher's two durables, so a message
+JetStream stops delivering ends in a dead letter and a ``failed`` row (dispatcher/delivery/exhausted.py).
 
 Provisioning creates what is missing and updates what differs; it compares by JetStream error code (10058 stream
 name in use with another config, 10126 consumer replicas above the stream's while a stream scales up), never by
@@ -16,7 +18,9 @@ import logging
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig,
+)
 from nats.js.errors import APIError
 
 from config.settings import Settings
@@ -32,6 +36,17 @@ HEADER_ROOM = 16 * 1024
 
 #: Redeliveries of one event to the fan-out before JetStream gives up on it (it naks with growing delays).
 FANOUT_MAX_DELIVER = 100
+
+#: JetStream's advisory when a consumer stops delivering a message at ``max_deliver``:
+#: ``<prefix>.<stream>.<consumer>``, body ``{"stream", "consumer", "stream_seq", "deliveries", ...}``.
+MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+
+#: Advisories ``LETTA_ADVISORIES`` keeps at most (about 250 bytes each); past it the oldest go first.
+ADVISORIES_MAX_MSGS = 1_000_000
+
+#: Deliveries of one advisory to the exhaustion handler; it naks a failed one with delays doubling from 1 s to 60 s,
+#: so about 16 hours of retries before the advisory itself is given up (logged by the server as its own advisory).
+EXHAUSTED_MAX_DELIVER = 1000
 
 
 def events_stream_config(settings: Settings) -> StreamConfig:
@@ -74,6 +89,50 @@ def webhooks_stream_config(settings: Settings, *, schedules: bool = True) -> Str
         max_age=2 * settings.events_max_age_s,
         duplicate_window=settings.duplicate_window_s,
         metadata={"letta_bus.role": "webhook-deliveries"},
+    )
+
+
+def max_deliveries_subject(stream: str, consumer: str) -> str:
+    """Subject of the MAX_DELIVERIES advisory of one consumer, ``<MAX_DELIVERIES_ADVISORY>.<stream>.<consumer>``;
+    nats-server publishes it in the consumer's account when a message has reached ``max_deliver``."""
+    return f"{MAX_DELIVERIES_ADVISORY}.{stream}.{consumer}"
+
+
+def advisories_stream_config(settings: Settings) -> StreamConfig:
+    """``LETTA_ADVISORIES``: the MAX_DELIVERIES advisories of the dispatcher's two durables (``webhook-fanout`` on
+    the events stream, ``webhook-sender`` on the webhooks stream), kept on file so an advisory published while no
+    dispatcher runs its exhaustion handler is processed later (dispatcher/delivery/exhausted.py). Other services'
+    durables are not captured. Bounded: ``max_age`` = the replay window (the events it names are gone after it),
+    at most :data:`ADVISORIES_MAX_MSGS` messages (the oldest, already processed ones, are dropped first)."""
+    return StreamConfig(
+        name=settings.advisories_stream,
+        description="JetStream MAX_DELIVERIES advisories of webhook-fanout and webhook-sender: each becomes a dead "
+        "letter and a failed delivery row (letta-bus dispatcher, durable webhook-exhausted).",
+        subjects=[max_deliveries_subject(settings.events_stream, settings.fanout_durable),
+                  max_deliveries_subject(settings.webhooks_stream, settings.sender_durable)],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        num_replicas=settings.stream_replicas,
+        max_age=settings.events_max_age_s,
+        max_msgs=ADVISORIES_MAX_MSGS,
+        discard=DiscardPolicy.OLD,
+        metadata={"letta_bus.role": "max-deliver-advisories"},
+    )
+
+
+def exhausted_consumer_config(settings: Settings) -> ConsumerConfig:
+    """Durable ``webhook-exhausted`` on ``LETTA_ADVISORIES``: the dispatcher dead-letters and fails what each
+    advisory names, then acks it (a failure naks it, retried up to :data:`EXHAUSTED_MAX_DELIVER` times)."""
+    return ConsumerConfig(
+        durable_name=settings.exhausted_durable,
+        name=settings.exhausted_durable,
+        description="letta-bus dispatcher: max_deliver exhausted -> dead letter + failed delivery row",
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=EXHAUSTED_MAX_DELIVER,
+        max_ack_pending=64,
+        num_replicas=settings.stream_replicas,
     )
 
 
@@ -145,9 +204,12 @@ async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerCon
 
 
 async def provision(js: JetStreamContext, settings: Settings, *, schedules: bool = True) -> None:
-    """Create or update both streams and the dispatcher's two durable consumers. Idempotent. ``schedules``:
-    see :func:`webhooks_stream_config`."""
+    """Create or update the three streams (events, webhooks, advisories) and the dispatcher's three durable
+    consumers. Idempotent. ``schedules``: see :func:`webhooks_stream_config`. The advisories stream is created before
+    the durables, so it captures from their first delivery on."""
     await ensure_stream(js, events_stream_config(settings))
     await ensure_stream(js, webhooks_stream_config(settings, schedules=schedules))
+    await ensure_stream(js, advisories_stream_config(settings))
+    await ensure_consumer(js, settings.advisories_stream, exhausted_consumer_config(settings))
     await ensure_consumer(js, settings.events_stream, fanout_consumer_config(settings))
     await ensure_consumer(js, settings.webhooks_stream, sender_consumer_config(settings))
