@@ -94,12 +94,24 @@ class Settings(BaseSettings):
     duplicate_window_s: float = Field(120, gt=0, description="Seconds JetStream drops a repeated Nats-Msg-Id.")
     fanout_durable: str = Field("webhook-fanout", pattern=r"^[A-Za-z0-9_-]+$")
     sender_durable: str = Field("webhook-sender", pattern=r"^[A-Za-z0-9_-]+$")
+    advisories_stream: str = Field(
+        "LETTA_ADVISORIES", pattern=r"^[A-Za-z0-9_-]+$",
+        description="Stream keeping JetStream's MAX_DELIVERIES advisories of the two dispatcher durables.",
+    )
+    exhausted_durable: str = Field(
+        "webhook-exhausted", pattern=r"^[A-Za-z0-9_-]+$",
+        description="Durable on advisories_stream: dead-letters what JetStream stopped delivering (max_deliver).",
+    )
     ack_wait_s: float = Field(30.0, gt=0, description="Seconds before an unacked message is redelivered.")
     max_ack_pending: int = Field(1000, ge=1, description="Unacked messages a consumer may have outstanding.")
     fetch_batch: int = Field(256, ge=1, description="Messages per pull request (at most max_ack_pending / 4).")
 
     # --- Delivery -----------------------------------------------------------------------------------------------
     http_timeout_s: float = Field(5.0, gt=0, description="Seconds for one webhook POST, connect to last byte.")
+    http_max_connections: int = Field(
+        1024, ge=1, description="Webhook connections open at once per dispatcher process (idle ones included), kept "
+        "below the process's file limit: a POST that finds none free within http_timeout_s is a local error, not "
+        "the endpoint's.")
     retry_schedule_s: list[float] = Field(
         list(STANDARD_WEBHOOKS_SCHEDULE_S),
         min_length=0,
@@ -184,6 +196,12 @@ class Settings(BaseSettings):
     )
     history_flush_s: float = Field(0.05, gt=0, description="Seconds between delivery-history batch writes.")
     history_batch: int = Field(1000, ge=1, description="Most delivery-history rows written in one transaction.")
+    history_give_up_s: float | None = Field(
+        None, gt=0,
+        description="Seconds a delivery-history batch is retried while the database is unavailable before its acks "
+        "go out without its rows (counted in letta_bus_history_records_lost_total). Unset (the default): kept and "
+        "retried until the database is back, the messages kept alive with in_progress(); nothing is lost.",
+    )
     endpoint_refresh_s: float = Field(1.0, gt=0, description="Seconds between endpoint cache reloads.")
 
     # --- Letta: the stock-Letta bridge (letta-bus bridge) and the legacy step-complete webhook ------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
@@ -15,6 +16,7 @@ from bus.envelope import EnvelopeHead
 from dispatcher.delivery.signing import Signer
 from dispatcher.rules.matching import wants
 from dispatcher.store.database import Store
+from dispatcher.store.models import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class EndpointCache:
         self._global: list[EndpointView] = []
         self._signers: dict[tuple[str, str | None], Signer] = {}
         self._lock = asyncio.Lock()
+        self._absent: dict[str, float] = {}  # endpoint id -> monotonic time until which a lookup found none
 
     async def refresh(self) -> None:
         """Reload every endpoint from the database. Secrets are decrypted once per change, not per reload.
@@ -60,25 +63,42 @@ class EndpointCache:
         signers: dict[tuple[str, str | None], Signer] = {}
         now = datetime.now(timezone.utc)
         for row in rows:
-            expires = _aware(row.previous_secret_expires_at)
-            previous = row.previous_secret if row.previous_secret and expires and expires > now else None
-            key = (row.secret, previous)
-            signer = self._signers.get(key) or self._signer(row.secret, previous)
-            signers[key] = signer
-            view = EndpointView(
-                id=row.id, scope=row.scope, agent_id=row.agent_id, organization_id=row.organization_id, url=row.url,
-                events=tuple(row.events or ()), enabled=row.enabled, signer=signer,
-                failing_since=_aware(row.failing_since),
-            )
+            view = self._view(row, now, signers)
             by_id[row.id] = view
-            if row.scope == "agent" and row.agent_id:
-                by_agent.setdefault(row.agent_id, []).append(view)
-            elif row.scope == "organization" and row.organization_id:
-                by_org.setdefault(row.organization_id, []).append(view)
-            elif row.scope == "global":
-                glob.append(view)
+            _route(view, by_agent, by_org, glob)
         self._by_id, self._by_agent, self._by_org, self._global = by_id, by_agent, by_org, glob
         self._signers = signers
+        self._absent.clear()
+
+    def _view(self, row: Endpoint, now: datetime, signers: dict[tuple[str, str | None], Signer]) -> EndpointView:
+        expires = _aware(row.previous_secret_expires_at)
+        previous = row.previous_secret if row.previous_secret and expires and expires > now else None
+        key = (row.secret, previous)
+        signer = signers[key] = self._signers.get(key) or self._signer(row.secret, previous)
+        return EndpointView(
+            id=row.id, scope=row.scope, agent_id=row.agent_id, organization_id=row.organization_id, url=row.url,
+            events=tuple(row.events or ()), enabled=row.enabled, signer=signer, failing_since=_aware(row.failing_since),
+        )
+
+    async def lookup(self, endpoint_id: str) -> EndpointView | None:
+        """An endpoint that is not in the view, read from the database (issue 10, finding 6: another process's
+        fan-out may route to an endpoint created a moment ago, before this process's reload) and added to the
+        view; None when it does not exist. A miss is remembered for ``refresh_s`` seconds (at least 1 s), so the
+        backlog of a deleted endpoint costs one query per that time. Raises what the database raises."""
+        now = time.monotonic()
+        if self._absent.get(endpoint_id, 0.0) > now:
+            return None
+        row = await self.store.get_endpoint(endpoint_id)
+        if row is None:
+            if len(self._absent) > 10_000:
+                self._absent.clear()
+            self._absent[endpoint_id] = now + max(self.refresh_s, 1.0)
+            return None
+        view = self._by_id.get(endpoint_id)
+        if view is None:  # not loaded by a reload meanwhile
+            view = self._by_id[endpoint_id] = self._view(row, datetime.now(timezone.utc), self._signers)
+            _route(view, self._by_agent, self._by_org, self._global)
+        return view
 
     def _signer(self, token: str, previous_token: str | None) -> Signer:
         box = self.store.secret_box
@@ -116,6 +136,17 @@ class EndpointCache:
             candidates += self._by_org.get(head.organization_id, ())
         candidates += self._global
         return [e for e in candidates if e.enabled and wants(e.events, head.event_type)]
+
+
+def _route(view: EndpointView, by_agent: dict[str, list[EndpointView]], by_org: dict[str, list[EndpointView]],
+           glob: list[EndpointView]) -> None:
+    """File ``view`` under the routing key of its scope."""
+    if view.scope == "agent" and view.agent_id:
+        by_agent.setdefault(view.agent_id, []).append(view)
+    elif view.scope == "organization" and view.organization_id:
+        by_org.setdefault(view.organization_id, []).append(view)
+    elif view.scope == "global":
+        glob.append(view)
 
 
 def _aware(when: datetime | None) -> datetime | None:

@@ -75,12 +75,21 @@ class EndpointGate:
         """A delivery deferred by :meth:`busy_delay` is back."""
         self.deferred = max(0, self.deferred - 1)
 
-    async def acquire(self) -> bool:
-        """Wait for a slot. Returns False (and holds no slot) when the circuit opened meanwhile, or is half-open
-        with its probe already out; else counts the request as in flight, as the probe when half-open."""
+    def has_slot(self) -> bool:
+        """True when :meth:`acquire` would not wait."""
+        return not self._slots.locked()
+
+    async def acquire(self, timeout_s: float | None = None) -> bool:
+        """Wait for a slot, at most ``timeout_s`` seconds (None: no limit; ``TimeoutError`` past it, holding no
+        slot). Returns False (and holds no slot) when the circuit opened meanwhile, or is half-open with its probe
+        already out; else counts the request as in flight, as the probe when half-open."""
         self.waiting += 1
         try:
-            await self._slots.acquire()
+            if timeout_s is None:
+                await self._slots.acquire()
+            else:
+                async with asyncio.timeout(timeout_s):
+                    await self._slots.acquire()
         finally:
             self.waiting -= 1
         state = self.state

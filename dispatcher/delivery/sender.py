@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple, TypeVar
 
 import yarl
 from nats.aio.msg import Msg
@@ -28,7 +29,7 @@ from dispatcher.delivery.health import EndpointHealth
 from dispatcher.delivery.outcome import Verdict, classify, parse_retry_after, retry_delay
 from dispatcher.delivery.scheduling import H_BUSY, H_RATE_SLOT, Rescheduler, attempt_number, round_attempt
 from dispatcher.delivery.tasks import TaskInfo
-from dispatcher.delivery.webhook_http import WebhookHTTPClient, WebhookHTTPError
+from dispatcher.delivery.webhook_http import LocalRequestError, WebhookHTTPClient, WebhookHTTPError
 from dispatcher.rules.ssrf import BlockedAddressError, parse_allow_cidrs, vet_url_for_request
 from dispatcher.store.history import DeliveryRecord, HistoryWriter
 from dispatcher.store.models import DeliveryStatus
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 USER_AGENT = "Letta-Webhook/1.0"
 _OUTCOMES: dict[str, object] = {}  # outcome -> its child of metrics.OUTCOMES (labels() takes a lock per call)
 _attempt_log = logging.getLogger("letta_bus.attempts")
+_T = TypeVar("_T")
 
 
 def request_headers(endpoint: EndpointView, task: TaskInfo, body: bytes, now: int,
@@ -84,7 +86,8 @@ class Sender:
         self.succeeded = self.retried = self.failed = self.skipped = self.deferred = self.blocked = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Fetch and deliver tasks until ``stop`` is set, then wait for the POSTs in flight to finish."""
+        """Fetch and deliver tasks until ``stop`` is set, then wait for the POSTs in flight to finish (at most
+        ``http_timeout_s`` + 1 seconds; deliveries unfinished by then are cancelled, unacked: JetStream redelivers)."""
         s = self.settings
         pull = await PullStream(self.js, s.webhooks_stream, s.sender_durable, read_ahead=s.pull_batch,
                                 who="sender").start()
@@ -94,12 +97,15 @@ class Sender:
                     continue
                 msgs = await pull.take(min(self._free, s.pull_batch))
                 self._free -= len(msgs)
+                taken = time.monotonic()
                 for msg in msgs:
-                    task = asyncio.create_task(self._deliver(msg))
+                    task = asyncio.create_task(self._deliver(msg, taken))
                     self._inflight.add(task)
                     task.add_done_callback(self._done)
             if self._inflight:
                 await asyncio.wait(self._inflight, timeout=self.settings.http_timeout_s + 1)
+            for task in list(self._inflight):  # still waiting for a gate or a slow POST: redelivered later
+                task.cancel()
         finally:
             await pull.close()
 
@@ -117,12 +123,26 @@ class Sender:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
+        self._give_slot()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery crashed: %r", task.exception())
+
+    def _give_slot(self) -> None:
         self._free += 1
         waiter = self._slot_freed
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("delivery crashed: %r", task.exception())
+
+    async def _unslotted(self, wait: Awaitable[_T]) -> _T:
+        """Await ``wait`` without holding a delivery slot (issue 10, finding 5): a task waiting for its endpoint's
+        gate or its agent's rate slot leaves the sender's slots to tasks that can POST now, so one endpoint holds
+        at most its own concurrency cap of them. The slot is taken back after (``_free`` may dip below zero for a
+        moment; the fetch loop then waits)."""
+        self._give_slot()
+        try:
+            return await wait
+        finally:
+            self._free -= 1
 
     def gate(self, endpoint_id: str) -> EndpointGate:
         """The concurrency cap and circuit breaker of an endpoint (created on first use)."""
@@ -134,7 +154,8 @@ class Sender:
                 max_cooldown_s=s.circuit_max_cooldown_s, initial_latency_s=s.http_timeout_s / 5)
         return gate
 
-    async def _deliver(self, msg: Msg) -> None:
+    async def _deliver(self, msg: Msg, taken: float) -> None:
+        """Deliver one task (``taken``: ``time.monotonic()`` when the sender took it off the pull stream)."""
         try:
             task = TaskInfo.from_headers(msg.headers)
         except KeyError as exc:
@@ -143,10 +164,18 @@ class Sender:
             return
         attempt = attempt_number(msg)
         endpoint = self.endpoints.get(task.endpoint_id)
+        if endpoint is None:  # deleted, or created a moment ago and not loaded by this process yet (finding 6)
+            try:
+                endpoint = await self.endpoints.lookup(task.endpoint_id)
+            except Exception as exc:  # noqa: BLE001 - the database is unavailable: try again later, no attempt used
+                log.warning("endpoint %s not in the view and its lookup failed: %r", task.endpoint_id, exc)
+                self.deferred += 1
+                await self.rescheduler.defer(msg, task.endpoint_id, 5.0)
+                return
         if endpoint is None or not endpoint.enabled:
             self.skipped += 1
             why = "endpoint deleted" if endpoint is None else "endpoint disabled"
-            self._record(task, attempt, DeliveryStatus.SKIPPED, None, 0.0, None, why, ack=msg)
+            self._record(task, msg, attempt, DeliveryStatus.SKIPPED, None, 0.0, None, why)
             return
         if endpoint.url not in self._vetted:
             try:
@@ -162,49 +191,50 @@ class Sender:
             gate.returned()
         wait = gate.blocked_for()
         if wait is None and not gate.can_wait():
-            wait = gate.busy_delay()
             msg.headers[H_BUSY] = "1"
+            wait = gate.busy_delay()
         if wait is None:
             wait = await self._rate_wait(msg, task.agent_id)
-        if wait is None and not await gate.acquire():  # the circuit opened while this delivery waited
-            wait = gate.blocked_for() or gate.cooldown_s
+        if wait is None:
+            wait = await self._acquire(gate, msg, taken)
         if wait is not None:
             self.deferred += 1
             metrics.OUTCOMES.labels("deferred").inc()
             await self.rescheduler.defer(msg, endpoint.id, wait)
             return
         try:
-            status_code, excerpt, error, retry_after, duration_ms = await self._post(endpoint, task, msg)
+            status_code, excerpt, error, retry_after, duration_ms, local = await self._post(endpoint, task, msg)
         except BlockedAddressError as exc:
             gate.release(None)
             self._blocked(msg, task, endpoint, attempt, exc)
             return
         metrics.ATTEMPT_SECONDS.observe(duration_ms / 1000)
         verdict = classify(status_code)
-        gate.release(True if verdict is Verdict.SUCCEEDED else False if verdict is Verdict.RETRY else None,
-                     duration_ms / 1000)
+        gate.release(None if local else True if verdict is Verdict.SUCCEEDED else
+                     False if verdict is Verdict.RETRY else None, duration_ms / 1000)
         if verdict is Verdict.SUCCEEDED:
             self.succeeded += 1
-            self._record(task, attempt, DeliveryStatus.SUCCEEDED, status_code, duration_ms, excerpt, None, ack=msg)
-            await self.health.succeeded(endpoint)
+            self._record(task, msg, attempt, DeliveryStatus.SUCCEEDED, status_code, duration_ms, excerpt, error)
+            self.health.succeeded(endpoint)
             return
         if verdict is Verdict.RETRY:
-            await self.health.failed(endpoint)
+            if not local:  # this process's fault (LocalRequestError): retried, but not the endpoint's failure
+                self.health.failed(endpoint)
             n = round_attempt(msg)
             if n < self.settings.max_attempts:
                 self.retried += 1
                 delay = retry_delay(self.settings.retry_schedule_s, n, parse_retry_after(retry_after))
-                self._record(task, attempt, DeliveryStatus.RETRYING, status_code, duration_ms, excerpt, error,
+                self._record(task, msg, attempt, DeliveryStatus.RETRYING, status_code, duration_ms, excerpt, error,
                              lambda: self.rescheduler.retry(msg, endpoint.id, delay))
                 return
             error = f"attempts exhausted ({attempt}); last: {error or f'HTTP {status_code}'}"
         elif verdict is Verdict.GONE:
             error = "410 Gone: endpoint disabled"
-            await self.health.disable(endpoint, f"answered 410 Gone to delivery {task.delivery_id}")
+            self.health.disable(endpoint, f"answered 410 Gone to delivery {task.delivery_id}")
         else:
             error = error or f"HTTP {status_code}: not retried (only 408, 429 and 5xx are)"
         self.failed += 1
-        self._record(task, attempt, DeliveryStatus.FAILED, status_code, duration_ms, excerpt, error,
+        self._record(task, msg, attempt, DeliveryStatus.FAILED, status_code, duration_ms, excerpt, error,
                      lambda: self.rescheduler.dead_letter(msg, endpoint.id, attempt, error))
 
     def _blocked(self, msg: Msg, task: TaskInfo, endpoint: EndpointView, attempt: int, exc: BlockedAddressError) -> None:
@@ -213,8 +243,29 @@ class Sender:
         self.blocked += 1
         error = f"SSRF guard: {exc}"
         log.warning("delivery %s to %s refused: %s", task.delivery_id, endpoint.url, exc)
-        self._record(task, attempt, DeliveryStatus.FAILED, None, 0.0, None, error,
+        self._record(task, msg, attempt, DeliveryStatus.FAILED, None, 0.0, None, error,
                      lambda: self.rescheduler.dead_letter(msg, endpoint.id, attempt, error))
+
+    async def _acquire(self, gate: EndpointGate, msg: Msg, taken: float) -> float | None:
+        """Take a slot of the endpoint's gate: None when this task holds one, else the seconds to defer it. A task
+        waits for the gate only while its POST can still finish within ``ack_wait_s`` (counted from ``taken``, with
+        ``http_timeout_s`` + 2 s kept for the POST and the ack), so a slowing endpoint's queue is deferred instead
+        of being redelivered and POSTed twice."""
+        s = self.settings
+        budget = s.ack_wait_s - s.http_timeout_s - 2.0 - (time.monotonic() - taken)
+        try:
+            if gate.has_slot():
+                granted = await gate.acquire()
+            elif budget > 0:
+                granted = await self._unslotted(gate.acquire(timeout_s=budget))
+            else:
+                raise TimeoutError
+        except TimeoutError:
+            msg.headers[H_BUSY] = "1"
+            return gate.busy_delay()
+        if not granted:  # the circuit opened while this delivery waited
+            return gate.blocked_for() or gate.cooldown_s
+        return None
 
     async def _rate_wait(self, msg: Msg, agent_id: str) -> float | None:
         """Apply the per-agent rate limit: None when the delivery may go now (after a short sleep, at most 1 s),
@@ -226,7 +277,7 @@ class Sender:
         if slot is not None:  # deferred earlier: it holds a reserved slot; schedules fire at whole seconds
             early = float(slot) - time.time()
             if early > 0:
-                await asyncio.sleep(min(early, 2.0))
+                await self._unslotted(asyncio.sleep(min(early, 2.0)))
             return None
         limiter = self.limiters.get(agent_id)
         if limiter is None:
@@ -234,15 +285,13 @@ class Sender:
         wait = limiter.reserve()
         if wait <= 1.0:
             if wait > 0:
-                await asyncio.sleep(wait)
+                await self._unslotted(asyncio.sleep(wait))
             return None
         msg.headers[H_RATE_SLOT] = f"{time.time() + wait:.3f}"
         return wait
 
-    async def _post(
-        self, endpoint: EndpointView, task: TaskInfo, msg: Msg,
-    ) -> tuple[int | None, str | None, str | None, str | None, float]:
-        """POST once. Returns (status code, response excerpt, error, Retry-After header, duration in ms)."""
+    async def _post(self, endpoint: EndpointView, task: TaskInfo, msg: Msg) -> _Response:
+        """POST once. Raises only :class:`dispatcher.rules.ssrf.BlockedAddressError`."""
         body = msg.data
         headers = request_headers(endpoint, task, body, int(time.time()), msg.headers)
         url = self._urls.get(endpoint.url)
@@ -254,21 +303,26 @@ class Sender:
         try:
             result = await self.http.post(url, body, headers)
         except TimeoutError:
-            return None, None, f"timeout after {self.settings.http_timeout_s:g} s", None, _ms(start)
+            return _Response(None, None, f"timeout after {self.settings.http_timeout_s:g} s", None, _ms(start))
         except BlockedAddressError:
             raise
+        except LocalRequestError as exc:
+            log.warning("delivery %s not sent, a local error: %s", task.delivery_id, exc)
+            return _Response(None, None, f"local error, not the endpoint's: {exc}", None, _ms(start), True)
         except (WebhookHTTPError, OSError, ValueError) as exc:
-            return None, None, f"{type(exc).__name__}: {exc}", None, _ms(start)
+            return _Response(None, None, f"{type(exc).__name__}: {exc}", None, _ms(start))
+        if result.resent:
+            log.info("delivery %s re-sent on a new connection: the kept-alive one was closed unanswered",
+                     task.delivery_id)
         excerpt = result.excerpt.decode("utf-8", "replace") if result.excerpt else None
-        return result.status, excerpt, None, result.retry_after, _ms(start)
+        return _Response(result.status, excerpt, result.incomplete, result.retry_after, _ms(start))
 
     def _record(
-        self, task: TaskInfo, attempt: int, status: str, status_code: int | None, duration_ms: float,
-        excerpt: str | None, error: str | None, then: Callable[[], Awaitable[None]] | None = None, *,
-        ack: Msg | None = None,
+        self, task: TaskInfo, msg: Msg, attempt: int, status: str, status_code: int | None, duration_ms: float,
+        excerpt: str | None, error: str | None, then: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """Count, log and queue the attempt's history; ``then`` (or a plain ``ack`` of that message) runs after
-        the history is committed."""
+        """Count, log and queue the attempt's history; ``then`` (default: a plain ack of ``msg``) runs after the
+        history is committed, and ``msg`` is kept alive while the database is unavailable."""
         outcome = _OUTCOMES.get(status)
         if outcome is None:
             outcome = _OUTCOMES[status] = metrics.OUTCOMES.labels(status)
@@ -283,8 +337,21 @@ class Sender:
             delivery_id=task.delivery_id, event_id=task.event_id, endpoint_id=task.endpoint_id,
             agent_id=task.agent_id, event_type=task.event_type, status=status, attempt=attempt,
             status_code=status_code, duration_ms=duration_ms, response_excerpt=excerpt, error=error, then=then,
-            ack=ack, event_seq=task.event_seq, replay_id=task.replay_id,
+            ack=msg if then is None else None, msg=msg, event_seq=task.event_seq, replay_id=task.replay_id,
         ))
+
+
+class _Response(NamedTuple):
+    """What one POST gave: status code (None: no response), response excerpt, error (or why the body was cut),
+    Retry-After header, duration in ms, and ``local``: the failure was this process's (not counted against the
+    endpoint)."""
+
+    status_code: int | None
+    excerpt: str | None
+    error: str | None
+    retry_after: str | None
+    duration_ms: float
+    local: bool = False
 
 
 def _ms(start: float) -> float:

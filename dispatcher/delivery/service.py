@@ -14,6 +14,7 @@ from config.settings import Settings
 from dispatcher.delivery import metrics
 from dispatcher.delivery.control import ChangeListener
 from dispatcher.delivery.endpoints import EndpointCache
+from dispatcher.delivery.exhausted import ExhaustionHandler
 from dispatcher.delivery.fanout import FanOut
 from dispatcher.delivery.health import EndpointHealth
 from dispatcher.delivery.metrics import ConsumerGauges
@@ -41,32 +42,39 @@ class Dispatcher:
         self.store = store
         self.endpoints = EndpointCache(store, settings.endpoint_refresh_s)
         self.history = HistoryWriter(store, flush_s=settings.history_flush_s, batch=settings.history_batch,
-                                     give_up_s=settings.ack_wait_s / 2)
+                                     give_up_s=settings.history_give_up_s, keepalive_s=settings.ack_wait_s / 3,
+                                     stop_give_up_s=min(10.0, settings.ack_wait_s / 2))
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.http: WebhookHTTPClient | None = None
         self.fanout: FanOut | None = None
         self.sender: Sender | None = None
+        self.exhausted: ExhaustionHandler | None = None
 
     async def start(self) -> None:
-        """Load endpoints and start both consumers."""
+        """Load endpoints and start the consumers: fan-out, sender and max-deliver advisories."""
         js = self.nc.jetstream()
         await self.endpoints.refresh()
         self.resolver = GuardedResolver(allow_cidrs=self.settings.ssrf_allow_cidrs)
         self.http = WebhookHTTPClient(self.resolver, timeout_s=self.settings.http_timeout_s,
                                       excerpt_bytes=self.settings.response_excerpt_bytes,
-                                      max_idle_per_origin=self.settings.sender_concurrency)
+                                      max_idle_per_origin=self.settings.sender_concurrency,
+                                      max_connections=self.settings.http_max_connections)
         self.history.start()
         self.fanout = FanOut(js, self.settings, self.endpoints, self.history)
         self.health = EndpointHealth(self.store, js, self.settings, self.endpoints)
         self.rescheduler = Rescheduler(js, self.settings, schedules=supports_schedules(self.nc))
         self.sender = Sender(js, self.settings, self.endpoints, self.history, self.health, self.rescheduler,
                              self.http)
+        self.exhausted = ExhaustionHandler(js, self.settings, self.endpoints, self.store)
         self._tasks = [
             asyncio.create_task(self._supervise("fan-out", self.fanout.run), name="fanout"),
             asyncio.create_task(self._supervise("sender", self.sender.run), name="sender"),
+            # max_deliver exhaustion on either durable: dead letter + failed row (dispatcher/delivery/exhausted.py)
+            asyncio.create_task(self._supervise("max-deliver", self.exhausted.run), name="max-deliver"),
         ]
         self._refresher = asyncio.create_task(self.endpoints.run(), name="endpoint-refresh")
+        self._health_writer = asyncio.create_task(self.health.run(), name="endpoint-health")
         self.changes = ChangeListener(self.nc, self.settings.control_subject, self.endpoints.refresh)
         await self.changes.start()  # endpoint writes reach this process at once, not at the next refresh
         gauges = ConsumerGauges(js, self.settings, lambda: [g.state for g in self.sender.gates.values()],
@@ -104,6 +112,11 @@ class Dispatcher:
                     log.error("dispatcher task ended with %r", result, exc_info=result)
             self._tasks = []
             await self.changes.stop()
+            self._health_writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_writer
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.health.flush(), 2.0)  # the last changes, if the database answers
             for background in (self._refresher, self._gauges):
                 background.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
