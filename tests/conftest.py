@@ -133,3 +133,18 @@ async def postgres_url():
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+@pytest.fixture
+async def as_role(settings: Settings):
+    """``await as_role("publisher")``: a connection with that role's generated credentials; closed after the test."""
+    opened = []
+
+    async def open_(role: str):
+        client = await connect(settings.nats_url, name=f"test-{role}", settings=settings, role=role, timeout_s=5)
+        opened.append(client)
+        return client
+
+    yield open_
+    for client in opened:
+        await client.close()

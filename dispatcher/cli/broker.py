@@ -28,6 +28,7 @@ nats_auth_app = typer.Typer(invoke_without_command=True, add_completion=False,
                             help="NATS credentials: the roles' files (no subcommand) and service identities.")
 _DIR = typer.Option("--dir", help="default: LETTA_BUS_NATS_AUTH_DIR")
 _BASE = typer.Option(help="server config to include; default LETTA_BUS_NATS_CONF")
+_RELOAD = typer.Option(help="SIGHUP the nats-server started from these files (its pid file)")
 
 
 @nats_auth_app.callback()
@@ -58,8 +59,7 @@ def add_service(
         "--durable", help="a durable it owns (repeatable): <name> or <name>-<suffix>; default <name> alone")] = None,
     directory: Annotated[Optional[Path], _DIR] = None,
     base_conf: Annotated[Optional[Path], _BASE] = None,
-    reload: Annotated[bool, typer.Option(help="SIGHUP the nats-server started from these files (its pid file)")]
-    = True,
+    reload: Annotated[bool, _RELOAD] = True,
 ) -> None:
     """Give one internal service its own NATS user: it may create, pull from, ack and delete only its durables."""
     from bus import auth
@@ -83,8 +83,7 @@ def remove_service(
     name: Annotated[str, typer.Argument(help="service name given to add-service")],
     directory: Annotated[Optional[Path], _DIR] = None,
     base_conf: Annotated[Optional[Path], _BASE] = None,
-    reload: Annotated[bool, typer.Option(help="SIGHUP the nats-server started from these files (its pid file)")]
-    = True,
+    reload: Annotated[bool, _RELOAD] = True,
 ) -> None:
     """Delete a service identity: after the reload its user is refused (its durables stay; an admin deletes them)."""
     from bus import auth

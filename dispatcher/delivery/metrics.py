@@ -1,8 +1,9 @@
 """Prometheus metrics of the delivery engine, and the structured log line written for every attempt.
 
-Counters and histograms are module-level (one set per process, as Prometheus expects); the store's one counter,
-``letta_bus_history_records_lost_total``, is defined beside the code that counts it (dispatcher.store.history) and
-served from the same registry. Gauges of the consumers and the retry backlog are refreshed by
+Counters and histograms are module-level (one set per process, as Prometheus expects); the history writer's
+counters (``letta_bus_history_records_refused_total``, ``letta_bus_history_records_lost_total``) and the
+max_deliver counter (``letta_bus_max_deliver_exhausted_total``) are defined beside the code that counts them
+(dispatcher.store.history, dispatcher.delivery.exhausted) and served from the same registry. Gauges of the consumers and the retry backlog are refreshed by
 :class:`ConsumerGauges` every ``interval_s`` seconds from JetStream itself.
 ``letta-bus up`` serves them on ``LETTA_BUS_METRICS_PORT`` (default 9464; 0 turns it off).
 """

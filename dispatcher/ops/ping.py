@@ -47,7 +47,7 @@ def test_envelope(endpoint: Endpoint) -> Envelope:
     for organization and global endpoints)."""
     return Envelope(
         event_id=new_event_id(), event_type=TEST_EVENT_TYPE, timestamp=utc_timestamp(),
-        agent_id=endpoint.agent_id or "webhook-test", organization_id=endpoint.organization_id,
+        agent_id=endpoint.agent_id or "webhook-test", organization_id=endpoint.organization_id or None,
         data={"endpoint_id": endpoint.id, "message": "letta-bus test event: your endpoint receives webhooks"},
     )
 

@@ -24,21 +24,6 @@ RUN = {"run_id": "run-1", "status": "completed", "completed_at": "2026-01-01T00:
 STEP = {"step_id": "step-1", "status": "success", "run_id": "run-1"}
 
 
-@pytest.fixture
-async def as_role(settings):
-    """``await as_role("publisher")``: a connection with that role's generated credentials; closed after the test."""
-    opened = []
-
-    async def open_(role: str):
-        client = await connect(settings.nats_url, name=f"test-{role}", settings=settings, role=role, timeout_s=5)
-        opened.append(client)
-        return client
-
-    yield open_
-    for client in opened:
-        await client.close()
-
-
 async def violation(caplog, subject: str, what: str = "Publish") -> None:
     """Wait until the server reported ``Permissions Violation for <what> to "<subject>"`` (nats-py logs it through
     bus.connection's error callback; nats-server 2.15 sends it in lower case)."""

@@ -222,21 +222,8 @@ async def test_remove_service_refuses_the_user_after_the_reload(settings, nats_a
     assert again.returncode == 2 and "no service identity 'billing'" in again.stderr
 
 
-@pytest.fixture
-async def as_role(settings):
-    opened = []
-
-    async def open_(role: str):
-        client = await connect(settings.nats_url, name=f"test-{role}", settings=settings, role=role, timeout_s=5)
-        opened.append(client)
-        return client
-
-    yield open_
-    for client in opened:
-        await client.close()
-
-
 # --- the Node clients from npm --------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def node() -> str:
