@@ -7,6 +7,7 @@ a port conflict into an error that names the setting to change.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -19,6 +20,29 @@ from pathlib import Path
 _LISTEN_RE = re.compile(r"Listening for client connections on ([\d.]+|\[[0-9a-f:]+\]):(\d+)")
 _MONITOR_RE = re.compile(r"Starting http monitor on ([\d.]+):(\d+)")
 _IN_USE_RE = re.compile(r"listen tcp ([\d.:\[\]a-f]+?):(\d+): bind: address already in use")
+
+
+def _die_with_parent_fn():  # noqa: ANN202 - a preexec_fn or None
+    """On Linux, a ``preexec_fn`` that makes the kernel SIGTERM the broker when the process that started it dies
+    (``prctl(PR_SET_PDEATHSIG)``, prctl(2)), so a SIGKILLed ``letta-bus up`` or test leaves no nats-server behind.
+    The symbol is looked up here, in the parent: the child between fork and exec only calls it. None elsewhere.
+    The signal follows the thread that started the server, so start it from a thread that lives as long as the
+    process (``letta-bus up`` and the tests start it from the main thread)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover - no libc symbol
+        return None
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def die_with_parent() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+
+    return die_with_parent
+
+
+_DIE_WITH_PARENT = _die_with_parent_fn()
 
 
 class EmbeddedServerError(RuntimeError):
@@ -95,6 +119,7 @@ class EmbeddedServer:
             self.process = subprocess.Popen(
                 self.command(), cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=early_log, stderr=early_log,
                 start_new_session=True,  # Ctrl-C reaches us, not the broker: we stop it after the dispatcher drained
+                preexec_fn=_DIE_WITH_PARENT,  # and it never outlives us
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

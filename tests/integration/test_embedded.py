@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -80,3 +84,41 @@ def test_start_on_free_ports_and_stop(tmp_path):
     finally:
         server.stop()
     assert server.process.poll() is not None
+
+
+def test_the_broker_does_not_outlive_a_sigkilled_parent(tmp_path):
+    # A SIGKILLed `letta-bus up` (or test process) cannot stop its broker: the kernel does (PR_SET_PDEATHSIG).
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from bus.embedded import EmbeddedServer\n"
+        f"s = EmbeddedServer(workdir=Path({str(tmp_path / 'nats')!r}), conf=Path({str(PROJECT_ROOT / 'nats.conf')!r}),"
+        " port=-1, monitor_port=-1).start()\n"
+        "print(s.process.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    broker_pid = None
+    try:
+        broker_pid = int(parent.stdout.readline())
+        os.kill(broker_pid, 0)  # it runs
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(broker_pid):
+            time.sleep(0.05)
+        assert not _alive(broker_pid), "nats-server outlived the process that started it"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if broker_pid is not None and _alive(broker_pid):
+            os.kill(broker_pid, signal.SIGKILL)  # only the broker this test's child started
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, already dead but not reaped by its new parent, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
