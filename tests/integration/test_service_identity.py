@@ -53,15 +53,8 @@ async def billing(settings, nats_auth, nats_server, provisioned, tmp_path) -> Se
     [identity] = load_services(nats_auth.directory, settings)
     mine = as_service(settings, identity)
 
-    async def accepted() -> bool:  # the reload is asynchronous
-        try:
-            client = await connect(settings.nats_url, name="probe", settings=mine, timeout_s=2)
-        except NatsAuthError:
-            return False
-        await client.close()
-        return True
-
-    await wait_until(accepted, timeout_s=10, interval_s=0.1, what="the reloaded server accepts svc-billing")
+    await wait_until(lambda: _accepts(mine), timeout_s=10, interval_s=0.1,  # the reload is asynchronous
+                     what="the reloaded server accepts svc-billing")
     return identity
 
 
@@ -209,17 +202,22 @@ async def test_remove_service_refuses_the_user_after_the_reload(settings, nats_a
     mine = as_service(settings, billing)
 
     async def refused() -> bool:
-        try:
-            client = await connect(settings.nats_url, name="probe", settings=mine, timeout_s=2)
-        except NatsAuthError:
-            return True
-        await client.close()
-        return False
+        return not await _accepts(mine)
 
     await wait_until(refused, timeout_s=10, interval_s=0.1, what="the reloaded server refuses svc-billing")
     await wait_until(lambda: not svc.is_connected, timeout_s=10, what="its open connection closed by the server")
     again = run("nats-auth", "remove-service", "billing", "--dir", str(nats_auth.directory), cwd=tmp_path)
     assert again.returncode == 2 and "no service identity 'billing'" in again.stderr
+
+
+async def _accepts(settings) -> bool:  # noqa: ANN001 - Settings of a service identity
+    """True when the server lets these credentials connect (a probe connection, closed at once)."""
+    try:
+        client = await connect(settings.nats_url, name="probe", settings=settings, timeout_s=2)
+    except NatsAuthError:
+        return False
+    await client.close()
+    return True
 
 
 # --- the Node clients from npm --------------------------------------------------------------------------------
