@@ -58,7 +58,7 @@ def webhooks_set(
     allow_unknown_events: Annotated[bool, typer.Option(help="accept patterns matching no catalog event type")] = False,
 ) -> None:
     """Create or replace an agent's webhook; running dispatchers apply it within a second."""
-    from dispatcher.api.validation import normalize_webhook_url
+    from dispatcher.rules.urls import normalize_webhook_url
     from dispatcher.cli.api_client import ApiClient, ApiError, ApiUnreachable
 
     check_id_option("AGENT_ID", "agent_id", agent_id)

@@ -18,6 +18,7 @@ from bus.ids import new_endpoint_id
 from config.settings import Settings
 from dispatcher.rules.matching import check_patterns
 from dispatcher.rules.ssrf import check_webhook_url
+from dispatcher.rules.urls import normalize_webhook_url
 from dispatcher.store.models import Base, Endpoint, utcnow
 from dispatcher.store.secrets import SecretBox, generate_secret
 
@@ -73,9 +74,13 @@ class Store:
         """Dispose of the connection pool."""
         await self.engine.dispose()
 
-    def check_url(self, url: str) -> None:
-        """Validate a webhook URL for writing (scheme, host, SSRF rules). Raises ``ValueError`` naming ``url``."""
+    def check_url(self, url: str) -> str:
+        """Validate a webhook URL for writing and return the form to store: normalised and refused when it cannot
+        be sent as written (:func:`dispatcher.rules.urls.normalize_webhook_url`), then scheme, host and SSRF rules
+        (:func:`dispatcher.rules.ssrf.check_webhook_url`). Raises ``ValueError`` naming ``url``."""
+        url = normalize_webhook_url(url)
         check_webhook_url(url, production=self.production, allow_cidrs=self.ssrf_allow_cidrs)
+        return url
 
     async def set_agent_webhook(
         self, agent_id: str, *, url: str, events: Sequence[str] = (), secret: str | None = None, enabled: bool = True,
@@ -87,7 +92,7 @@ class Store:
         Raises ``ValueError`` naming the field for a bad URL (see :meth:`check_url`), a bad ``webhook_events``
         pattern or a secret shorter than 16 characters; nothing is written then.
         """
-        self.check_url(url)
+        url = self.check_url(url)
         patterns = check_patterns(events)
         check_secret(secret)
         async with self.session.begin() as s:
@@ -177,7 +182,7 @@ class Store:
         Raises ``ValueError`` naming the field (scope and owner ids, url, events, secret) and
         :class:`EndpointConflict` when the agent already has a webhook."""
         check_scope(scope, agent_id, organization_id)
-        self.check_url(url)
+        url = self.check_url(url)
         patterns = check_patterns(events)
         check_secret(secret)
         generated = None if secret else generate_secret()
@@ -201,7 +206,7 @@ class Store:
         """Change the given fields of an endpoint (None: unchanged). Enabling clears ``disabled_reason`` and the
         failure clock. Raises ``LookupError`` when there is no such endpoint, ``ValueError`` naming a bad field."""
         if url is not None:
-            self.check_url(url)
+            url = self.check_url(url)
         patterns = check_patterns(events) if events is not None else None
         check_secret(secret)
         async with self.session.begin() as s:

@@ -24,7 +24,7 @@ from bus.catalog import EventValidationError
 from bus.names import AGENT_ID_MAX, EVENT_ID_MAX, ORGANIZATION_ID_MAX, check_id, id_pattern, id_problem
 from bus.publisher import EventPublisher
 from config.settings import Settings
-from dispatcher.api.validation import normalize_webhook_url
+from dispatcher.rules.urls import normalize_webhook_url
 from dispatcher.bridge.events import NO_AGENT_ID, bridge_event_id
 from dispatcher.rules.ssrf import check_webhook_url
 
