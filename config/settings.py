@@ -92,6 +92,15 @@ class Settings(BaseSettings):
     stream_replicas: int = Field(1, ge=1, le=5, description="1 embedded; 3 in a cluster.")
     events_max_age_s: float = Field(7 * 86400, gt=0, description="Seconds events stay in LETTA_EVENTS (replay window).")
     duplicate_window_s: float = Field(120, gt=0, description="Seconds JetStream drops a repeated Nats-Msg-Id.")
+    webhooks_duplicate_window_s: float = Field(
+        1200, gt=0, description="Seconds LETTA_WEBHOOKS drops a repeated delivery task id (<event_id>:<endpoint_id>). "
+        "Must exceed the fan-out's retry horizon (bus.streams.fanout_retry_horizon_s), so a fan-out retried after a "
+        "failed PubAck never queues a second task for the endpoints it already reached.",
+    )
+    webhooks_max_bytes: int = Field(
+        4 * 1024**3, ge=-1, description="Bytes LETTA_WEBHOOKS may hold (tasks, parked backlogs, dead letters); -1: no "
+        "limit. Full: new tasks are refused (discard new), so the fan-out naks and retries instead of dropping any.",
+    )
     fanout_durable: str = Field("webhook-fanout", pattern=r"^[A-Za-z0-9_-]+$")
     sender_durable: str = Field("webhook-sender", pattern=r"^[A-Za-z0-9_-]+$")
     advisories_stream: str = Field(
@@ -136,6 +145,14 @@ class Settings(BaseSettings):
     agent_rate_limit_per_s: float | None = Field(
         None, gt=0, description="Deliveries per second per agent (all its endpoints); unset: no limit. Over the "
         "limit deliveries wait, they are not dropped.",
+    )
+    peer_heartbeat_s: float = Field(
+        2.0, gt=0, description="Seconds between a dispatcher's presence heartbeats (core NATS); a peer silent for 3 "
+        "heartbeats is gone. Each process takes 1/N of agent_rate_limit_per_s, N = live dispatchers.",
+    )
+    endpoint_idle_evict_s: float = Field(
+        300.0, gt=0, description="Seconds after its last delivery an idle endpoint's gate and an agent's rate limiter "
+        "are dropped from memory (they hold nothing then: closed circuit, nothing in flight, bucket full).",
     )
     agent_rate_burst: int = Field(20, ge=1, description="Deliveries an agent may send at once before the rate applies.")
     disable_after_s: float = Field(
@@ -202,7 +219,21 @@ class Settings(BaseSettings):
         "go out without its rows (counted in letta_bus_history_records_lost_total). Unset (the default): kept and "
         "retried until the database is back, the messages kept alive with in_progress(); nothing is lost.",
     )
-    endpoint_refresh_s: float = Field(1.0, gt=0, description="Seconds between endpoint cache reloads.")
+    endpoint_refresh_s: float = Field(
+        1.0, gt=0, description="Seconds between endpoint reconciliations: the endpoints changed since the last one, "
+        "read by their indexed updated_at (the fallback for a lost change notice; the table is loaded whole only at "
+        "start).",
+    )
+    history_retention_days: float = Field(
+        30, gt=0, description="Days delivery history (deliveries and their attempts) is kept; older rows are pruned "
+        "in small batches off the hot path (Svix keeps 90).",
+    )
+    history_prune_batch: int = Field(1000, ge=1, description="Deliveries deleted per pruning transaction.")
+    history_prune_interval_s: float = Field(
+        60.0, gt=0, description="Seconds between pruning rounds; a round deletes batches until nothing is older than "
+        "the retention, pausing history_prune_pause_s between batches.",
+    )
+    history_prune_pause_s: float = Field(0.05, ge=0, description="Seconds between two pruning batches of a round.")
 
     # --- Letta: the stock-Letta bridge (letta-bus bridge) and the legacy step-complete webhook ------------------
     letta_base_url: str = Field(

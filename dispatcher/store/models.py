@@ -49,7 +49,18 @@ class Endpoint(Base):
     disabled_reason: Mapped[str | None] = mapped_column(Text)
     failing_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    # indexed: dispatchers reconcile their endpoint view by "changed since" (dispatcher/delivery/endpoints.py)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow, index=True)
+
+
+class EndpointTombstone(Base):
+    """A deleted endpoint, kept for a while so a dispatcher reconciling by ``updated_at`` sees the deletion too
+    (a deleted row has no ``updated_at`` left to find). Written in the deleting transaction; pruned with history."""
+
+    __tablename__ = "endpoint_tombstones"
+
+    endpoint_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
 
 
 class Delivery(Base):
@@ -81,7 +92,9 @@ class Attempt(Base):
 
     __tablename__ = "attempts"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # 64-bit: a 32-bit SERIAL lasts about 8 days at 3,000 attempts/s (migration 0003). SQLite's INTEGER PRIMARY
+    # KEY is the 64-bit rowid already, and only that spelling autoincrements there.
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     delivery_id: Mapped[str] = mapped_column(String(64), index=True)
     number: Mapped[int] = mapped_column(Integer)
     status_code: Mapped[int | None] = mapped_column(Integer)

@@ -29,31 +29,33 @@ async def test_migrated_schema_equals_the_models(db_url):
     engine = create_async_engine(db_url)
     try:
         assert await current_revision(engine) is None
-        assert await upgrade(engine) == head_revision() == "0002"
+        assert await upgrade(engine) == head_revision() == "0003"
         async with engine.connect() as conn:
             assert await conn.run_sync(_diffs) == []
             tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
             columns = await conn.run_sync(lambda c: {col["name"] for col in inspect(c).get_columns("deliveries")})
         assert {"endpoints", "deliveries", "attempts", "alembic_version"} <= tables
         assert {"event_seq", "replay_id"} <= columns
-        assert await upgrade(engine) == "0002"  # idempotent
+        assert await upgrade(engine) == head_revision()  # idempotent
     finally:
         await engine.dispose()
 
 
 async def test_a_database_from_create_schema_is_adopted_and_upgraded(db_url):
-    """Made by Store.create_schema with the first release's tables (no alembic_version, no 0002 index): stamped
+    """Made by Store.create_schema with the first release's tables (no alembic_version, none of what 0002 and later add): stamped
     at 0001, then upgraded; rows survive."""
     engine = create_async_engine(db_url)
     try:
         async with engine.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
             await conn.execute(text("DROP INDEX ix_deliveries_agent_created"))
+            await conn.execute(text("DROP INDEX ix_endpoints_updated_at"))  # and what 0003 adds
+            await conn.execute(text("DROP TABLE endpoint_tombstones"))
             await conn.execute(text(
                 "INSERT INTO deliveries (id, event_id, endpoint_id, agent_id, event_type, status, attempts, "
                 "created_at, updated_at) VALUES ('dlv_1', 'evt_1', 'ep_1', 'agent-1', 'agent.step.completed', "
                 "'succeeded', 1, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
-        assert await upgrade(engine) == "0002"
+        assert await upgrade(engine) == head_revision()
         async with engine.connect() as conn:
             assert await conn.run_sync(_diffs) == []
             assert (await conn.execute(text("SELECT count(*) FROM deliveries"))).scalar() == 1
@@ -74,7 +76,7 @@ async def test_downgrade_to_base_and_up_again(db_url):
             await conn.run_sync(lambda c: command.downgrade(alembic_config(c), "base"))
             tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
         assert not {"endpoints", "deliveries", "attempts"} & tables
-        assert await upgrade(engine) == "0002"
+        assert await upgrade(engine) == head_revision()
         async with engine.connect() as conn:
             assert await conn.run_sync(_diffs) == []
     finally:
