@@ -34,8 +34,32 @@ ERR_CONSUMER_REPLICAS_EXCEED_STREAM = 10126
 #: Bytes allowed for headers on top of ``max_event_bytes`` in the events stream's ``max_msg_size``.
 HEADER_ROOM = 16 * 1024
 
-#: Redeliveries of one event to the fan-out before JetStream gives up on it (it naks with growing delays).
-FANOUT_MAX_DELIVER = 100
+#: The fan-out's nak delay after a failed fan-out doubles from 2 s up to this many seconds.
+FANOUT_MAX_RETRY_DELAY_S = 60.0
+
+
+def fanout_retry_delay_s(delivered: int) -> float:
+    """Seconds the fan-out waits before retrying an event it could not fan out on its ``delivered``-th delivery
+    (1-based): 2, 4, 8, ... up to :data:`FANOUT_MAX_RETRY_DELAY_S`."""
+    return min(2.0 ** max(delivered, 1), FANOUT_MAX_RETRY_DELAY_S)
+
+
+def fanout_retry_horizon_s(settings: Settings, max_deliver: int) -> float:
+    """Seconds from an event's first fan-out to its last one when every delivery fails: the nak delays, plus per
+    delivery a PubAck wait (``publish_timeout_s``) and, once, an ``ack_wait_s`` (a process dying mid-fan-out)."""
+    delays = sum(fanout_retry_delay_s(n) for n in range(1, max_deliver))
+    return delays + max_deliver * settings.publish_timeout_s + settings.ack_wait_s
+
+
+def fanout_max_deliver(settings: Settings) -> int:
+    """Deliveries of one event to the fan-out before JetStream gives up on it (then dispatcher/delivery/exhausted.py
+    dead-letters it): as many as fit in ``webhooks_duplicate_window_s``, so every re-fan-out of an event is inside
+    the window in which LETTA_WEBHOOKS drops the tasks it stored already (task id ``<event_id>:<endpoint_id>``), and
+    an endpoint reached by the first try never gets a second task. At least 2; about 20 (17 minutes) by default."""
+    n = 2
+    while n < 1000 and fanout_retry_horizon_s(settings, n + 1) <= settings.webhooks_duplicate_window_s:
+        n += 1
+    return n
 
 #: JetStream's advisory when a consumer stops delivering a message at ``max_deliver``:
 #: ``<prefix>.<stream>.<consumer>``, body ``{"stream", "consumer", "stream_seq", "deliveries", ...}``.
@@ -76,7 +100,9 @@ def webhooks_stream_config(settings: Settings, *, schedules: bool = True) -> Str
     """``LETTA_WEBHOOKS``: subjects ``letta_webhooks.>``: ``deliveries.<endpoint_id>`` tasks,
     ``schedules.<endpoint_id>.<seq>`` retries waiting for their time, ``dead.<endpoint_id>`` dead letters and
     ``endpoint.disabled`` operational events. Tasks must outlive the retry schedule, so ``max_age`` is twice the
-    replay window. ``schedules`` enables message schedules (pass :func:`supports_schedules`)."""
+    replay window; ``max_bytes`` bounds it, refusing new tasks when full (the fan-out naks and retries); its duplicate
+    window covers the fan-out's retry horizon (:func:`fanout_max_deliver`). ``schedules`` enables message schedules
+    (pass :func:`supports_schedules`)."""
     return StreamConfig(
         name=settings.webhooks_stream,
         description="Webhook delivery tasks (deliveries.<endpoint_id>), scheduled retries (schedules.>), "
@@ -87,7 +113,9 @@ def webhooks_stream_config(settings: Settings, *, schedules: bool = True) -> Str
         storage=StorageType.FILE,
         num_replicas=settings.stream_replicas,
         max_age=2 * settings.events_max_age_s,
-        duplicate_window=settings.duplicate_window_s,
+        max_bytes=settings.webhooks_max_bytes,
+        discard=DiscardPolicy.NEW,  # full: refuse new tasks (the fan-out retries), never drop queued ones
+        duplicate_window=settings.webhooks_duplicate_window_s,
         metadata={"letta_bus.role": "webhook-deliveries"},
     )
 
@@ -145,7 +173,7 @@ def fanout_consumer_config(settings: Settings) -> ConsumerConfig:
         deliver_policy=DeliverPolicy.NEW,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait_s,
-        max_deliver=FANOUT_MAX_DELIVER,
+        max_deliver=fanout_max_deliver(settings),
         max_ack_pending=settings.max_ack_pending,
         filter_subject=f"{settings.subject_prefix}.>",
         num_replicas=settings.stream_replicas,

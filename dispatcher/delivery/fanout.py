@@ -24,6 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, NoStreamResponseError
 
 from bus.envelope import decode_head
+from bus.streams import fanout_retry_delay_s
 from bus.tracing import copy_trace_headers
 from config.settings import Settings
 from dispatcher.delivery import metrics
@@ -206,7 +207,7 @@ class FanOut:
                 for result in sent[first:first + len(targets)]:
                     if isinstance(result, tuple):
                         self.publisher.forget(result[0])
-                delay = min(2.0 ** reply_numbers(msg)[1], 60.0)
+                delay = fanout_retry_delay_s(reply_numbers(msg)[1])
                 log.warning("fan-out of %s failed (%r); retrying in %.0f s", head.event_id, error, delay)
                 await _settle(msg.nak(delay=delay))
                 continue
