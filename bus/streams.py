@@ -100,7 +100,8 @@ def webhooks_stream_config(settings: Settings, *, schedules: bool = True) -> Str
     """``LETTA_WEBHOOKS``: subjects ``letta_webhooks.>``: ``deliveries.<endpoint_id>`` tasks,
     ``schedules.<endpoint_id>.<seq>`` retries waiting for their time, ``dead.<endpoint_id>`` dead letters and
     ``endpoint.disabled`` operational events. Tasks must outlive the retry schedule, so ``max_age`` is twice the
-    replay window; ``max_bytes`` bounds it, refusing new tasks when full (the fan-out naks and retries); its duplicate
+    replay window; ``max_bytes`` bounds it, dropping the oldest messages when full (acked tasks, by then: the sender
+    reads the stream in order, and parked backlogs live in their own stream); its duplicate
     window covers the fan-out's retry horizon (:func:`fanout_max_deliver`). ``schedules`` enables message schedules
     (pass :func:`supports_schedules`)."""
     return StreamConfig(
@@ -114,7 +115,7 @@ def webhooks_stream_config(settings: Settings, *, schedules: bool = True) -> Str
         num_replicas=settings.stream_replicas,
         max_age=2 * settings.events_max_age_s,
         max_bytes=settings.webhooks_max_bytes,
-        discard=DiscardPolicy.NEW,  # full: refuse new tasks (the fan-out retries), never drop queued ones
+        discard=DiscardPolicy.OLD,  # nats-server: "message scheduling cannot use discard new" (error 10052)
         duplicate_window=settings.webhooks_duplicate_window_s,
         metadata={"letta_bus.role": "webhook-deliveries"},
     )

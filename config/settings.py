@@ -98,8 +98,18 @@ class Settings(BaseSettings):
         "failed PubAck never queues a second task for the endpoints it already reached.",
     )
     webhooks_max_bytes: int = Field(
-        4 * 1024**3, ge=-1, description="Bytes LETTA_WEBHOOKS may hold (tasks, parked backlogs, dead letters); -1: no "
-        "limit. Full: new tasks are refused (discard new), so the fan-out naks and retries instead of dropping any.",
+        4 * 1024**3, ge=-1, description="Bytes LETTA_WEBHOOKS may hold (tasks, scheduled retries, dead letters); -1: "
+        "no limit. Full: the oldest messages go first (discard old: nats-server refuses discard new on a stream with "
+        "message schedules); by then they are tasks delivered long ago.",
+    )
+    parked_stream: str = Field(
+        "LETTA_PARKED", pattern=r"^[A-Za-z0-9_-]+$",
+        description="Stream holding the backlogs of endpoints whose circuit is open, one subject per endpoint.",
+    )
+    parked_subject_prefix: str = Field("letta_parked", pattern=r"^[a-z][a-z0-9_]*$")
+    parked_max_bytes: int = Field(
+        4 * 1024**3, ge=-1, description="Bytes the parked backlogs may hold; -1: no limit. Full: new tasks are not "
+        "parked (discard new) but deferred as before, so nothing queued is dropped.",
     )
     fanout_durable: str = Field("webhook-fanout", pattern=r"^[A-Za-z0-9_-]+$")
     sender_durable: str = Field("webhook-sender", pattern=r"^[A-Za-z0-9_-]+$")
