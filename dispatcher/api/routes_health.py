@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
 from dispatcher.api.auth import require_api_key
 from dispatcher.api.context import ApiContext, get_ctx
 from dispatcher.api.schemas import HealthOut, StatusOut
-from dispatcher.ops.status import endpoint_report, stream_report
+from dispatcher.ops.status import ENDPOINT_LIMIT, MAX_ENDPOINT_LIMIT, endpoint_report, stream_report
 from dispatcher.store.migrate import current_revision
 
 router = APIRouter(tags=["health"])
@@ -47,14 +47,19 @@ async def healthz(ctx: ApiContext = Depends(get_ctx)) -> JSONResponse:
 
 
 @router.get("/v1/status", response_model=StatusOut, dependencies=[Depends(require_api_key)])
-async def status(ctx: ApiContext = Depends(get_ctx)) -> StatusOut:
-    """Streams and consumers as ``nats stream info`` / ``nats consumer info`` report them, and per endpoint its
-    backlog, failures in the last 24 h and circuit state (as this process's dispatcher sees it)."""
+async def status(
+    limit: int = Query(ENDPOINT_LIMIT, ge=1, le=MAX_ENDPOINT_LIMIT, description="most endpoints listed"),
+    ctx: ApiContext = Depends(get_ctx),
+) -> StatusOut:
+    """Streams and consumers as ``nats stream info`` / ``nats consumer info`` report them, fleet totals, and at
+    most ``limit`` endpoints, those needing attention first (backlog, failures in the last 24 h, disabled,
+    failing, circuit not closed), each with its backlog, failures and circuit state (as this process's dispatcher
+    sees it); :func:`dispatcher.ops.status.endpoint_report`."""
     report = await stream_report(ctx.nc, ctx.settings)
     circuits = None
     if ctx.dispatcher is not None and ctx.dispatcher.sender is not None:
         circuits = {endpoint_id: gate.state for endpoint_id, gate in ctx.dispatcher.sender.gates.items()}
-    return StatusOut(**report, endpoints=await endpoint_report(ctx.store, circuits))
+    return StatusOut(**report, **await endpoint_report(ctx.store, circuits, limit=limit))
 
 
 def _version(nc) -> str:  # noqa: ANN001 - nats-py Client

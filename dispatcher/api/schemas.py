@@ -243,6 +243,12 @@ class HealthOut(BaseModel):
 
 
 class StatusOut(BaseModel):
+    """``GET /v1/status``: ``endpoints`` lists at most ``limit`` endpoints, those needing attention first
+    (``attention`` says why); ``endpoint_totals`` counts the whole fleet (endpoints, enabled, disabled, failing,
+    backlog, failed_24h, attention); ``endpoints_truncated``: some endpoints are not listed."""
+
     streams: list[dict[str, Any]]
     consumers: list[dict[str, Any]]
     endpoints: list[dict[str, Any]]
+    endpoint_totals: dict[str, int]
+    endpoints_truncated: bool

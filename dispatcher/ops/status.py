@@ -1,9 +1,16 @@
 """What ``letta-bus status`` and ``GET /v1/status`` report: streams and consumers as ``nats stream info`` /
-``nats consumer info`` show them, and per endpoint its backlog, recent failures and circuit state.
+``nats consumer info`` show them, fleet totals, and the endpoints that need attention with their backlog, recent
+failures and circuit state.
 
 Streams and consumers are read from JetStream (the source of truth); backlog and failures from the delivery
 history; the circuit state from the dispatcher running in this process (``None`` when there is none: each
 dispatcher process keeps its own breakers).
+
+The report's cost does not grow with the history and its size does not grow with the fleet (issue 11): backlog
+and failures are read from partial indexes (:func:`dispatcher.store.queries.endpoint_stats`), and at most
+``limit`` endpoints are listed (default :data:`ENDPOINT_LIMIT`): first those that need attention, worst first (a
+backlog, failures in the last 24 h, disabled, a failure clock running, a circuit not closed), then, while there is
+room, the others by id; so a small fleet is listed whole. ``endpoints_truncated`` says some were left out.
 """
 
 from __future__ import annotations
@@ -15,7 +22,14 @@ from nats.aio.client import Client
 
 from config.settings import Settings
 from dispatcher.store.database import Store
-from dispatcher.store.queries import aware, endpoint_stats
+from dispatcher.store.models import Endpoint
+from dispatcher.store.queries import (
+    aware, endpoint_stats, endpoint_totals, endpoints_by_id, first_endpoints, history_totals, troubled_endpoints,
+)
+
+#: Most endpoints ``/v1/status`` lists (``?limit=`` up to :data:`MAX_ENDPOINT_LIMIT`).
+ENDPOINT_LIMIT = 100
+MAX_ENDPOINT_LIMIT = 1000
 
 
 async def stream_report(nc: Client, settings: Settings, timeout_s: float = 2.0) -> dict[str, Any]:
@@ -56,22 +70,53 @@ async def _api(nc: Client, subject: str, timeout_s: float) -> dict[str, Any]:
     return json.loads(msg.data)
 
 
-async def endpoint_report(store: Store, circuits: dict[str, str] | None) -> list[dict[str, Any]]:
-    """One entry per endpoint: id, scope, owner (agent or organization id), url, enabled, disabled_reason,
-    failing_since, backlog (deliveries pending or retrying), failed_24h and circuit (``closed``, ``open``,
-    ``half-open``; ``None`` when unknown to this process)."""
-    stats = await endpoint_stats(store)
-    out = []
-    for e in await store.list_endpoints():
-        s = stats.get(e.id, {"backlog": 0, "failed": 0})
-        out.append({
-            "id": e.id, "scope": e.scope, "owner": e.agent_id or e.organization_id, "url": e.url,
-            "enabled": e.enabled, "disabled_reason": e.disabled_reason,
-            "failing_since": aware(e.failing_since).isoformat() if e.failing_since else None,
-            "backlog": s["backlog"], "failed_24h": s["failed"],
-            "circuit": None if circuits is None else circuits.get(e.id, "closed"),
-        })
-    return out
+async def endpoint_report(store: Store, circuits: dict[str, str] | None,
+                          limit: int = ENDPOINT_LIMIT) -> dict[str, Any]:
+    """``{"endpoints": [...], "endpoint_totals": {...}, "endpoints_truncated": bool}``.
+
+    ``endpoints``: at most ``limit`` entries (module docstring for which), each with id, scope, owner (agent or
+    organization id), url, enabled, disabled_reason, failing_since, backlog (deliveries pending or retrying),
+    failed_24h, circuit (``closed``, ``open``, ``half-open``; ``None`` when unknown to this process) and
+    ``attention`` (why it is listed first: ``backlog``, ``failures``, ``disabled``, ``failing``, ``circuit``; empty
+    for a healthy one). ``endpoint_totals``: ``endpoints``, ``enabled``, ``disabled``, ``failing`` (endpoint
+    counts), ``backlog`` and ``failed_24h`` (delivery counts over every endpoint), ``attention`` (endpoints found
+    needing attention, at most ``2 * limit`` + the disabled/failing and circuit ones looked at). ``circuits``:
+    endpoint id -> circuit state, as this process's dispatcher has them (None: no dispatcher here)."""
+    stats = await endpoint_stats(store, limit=limit)
+    troubled = await troubled_endpoints(store, limit=limit)
+    open_circuits = [] if circuits is None else sorted(i for i, state in circuits.items() if state != "closed")
+    wanted = set(stats) | set(open_circuits[:limit])
+    rows: dict[str, Endpoint] = {e.id: e for e in troubled}
+    rows.update({e.id: e for e in await endpoints_by_id(store, sorted(wanted - set(rows)))})
+    entries = [_entry(e, stats, circuits) for e in rows.values()]
+    entries.sort(key=lambda x: (-x["backlog"], -x["failed_24h"], not x["attention"], x["id"]))
+    attention = [x for x in entries if x["attention"]]
+    shown = attention[:limit]
+    totals = {**await endpoint_totals(store)}
+    history = await history_totals(store)
+    totals.update(backlog=history["backlog"], failed_24h=history["failed"], attention=len(attention))
+    if len(shown) < limit:  # room left: the healthy ones too, by id (a small fleet is listed whole)
+        listed = {x["id"] for x in shown}
+        for e in await first_endpoints(store, limit=limit + len(shown)):
+            if len(shown) >= limit:
+                break
+            if e.id not in listed:
+                shown.append(_entry(e, stats, circuits))
+    return {"endpoints": shown, "endpoint_totals": totals, "endpoints_truncated": totals["endpoints"] > len(shown)}
+
+
+def _entry(e: Endpoint, stats: dict[str, dict[str, int]], circuits: dict[str, str] | None) -> dict[str, Any]:
+    s = stats.get(e.id, {"backlog": 0, "failed": 0})
+    circuit = None if circuits is None else circuits.get(e.id, "closed")
+    attention = [why for why, yes in (("backlog", s["backlog"] > 0), ("failures", s["failed"] > 0),
+                                      ("disabled", not e.enabled), ("failing", e.failing_since is not None),
+                                      ("circuit", circuit not in (None, "closed"))) if yes]
+    return {
+        "id": e.id, "scope": e.scope, "owner": e.agent_id or e.organization_id, "url": e.url,
+        "enabled": e.enabled, "disabled_reason": e.disabled_reason,
+        "failing_since": aware(e.failing_since).isoformat() if e.failing_since else None,
+        "backlog": s["backlog"], "failed_24h": s["failed"], "circuit": circuit, "attention": attention,
+    }
 
 
 def _ts(value: Any) -> str | None:

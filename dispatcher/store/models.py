@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -35,6 +35,8 @@ class Endpoint(Base):
     or ``global``. ``events`` holds ``webhook_events`` patterns; an empty list means every event."""
 
     __tablename__ = "endpoints"
+    # dispatchers reconcile their endpoint view by "changed since", paging on (updated_at, id) (endpoints.py)
+    __table_args__ = (Index("ix_endpoints_updated_id", "updated_at", "id"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     scope: Mapped[str] = mapped_column(String(16), default="agent")
@@ -49,8 +51,7 @@ class Endpoint(Base):
     disabled_reason: Mapped[str | None] = mapped_column(Text)
     failing_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    # indexed: dispatchers reconcile their endpoint view by "changed since" (dispatcher/delivery/endpoints.py)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
 class EndpointTombstone(Base):
@@ -63,19 +64,38 @@ class EndpointTombstone(Base):
     deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
 
 
+#: The predicates of the partial indexes, as SQL text; a query uses such an index only when its WHERE clause
+#: holds the same terms with these literals (a bound parameter does not match on SQLite, nor in a generic plan on
+#: PostgreSQL).
+BACKLOG_PREDICATE = "status IN ('pending', 'retrying')"
+FAILED_PREDICATE = "status = 'failed'"
+
+
 class Delivery(Base):
     """One event for one endpoint, across all its attempts. ``attempts`` counts tries made so far."""
 
     __tablename__ = "deliveries"
+    # Every query of the API, /v1/status and the pruner walks one of these (migration 0004; the plans are checked
+    # by tests/integration/test_query_plans.py). The listings order by (created_at, id) and page with a row-value
+    # cursor, so both columns are in their indexes. The two partial indexes hold only the few rows not yet
+    # delivered or failed, so the history writer's usual write (a delivery that succeeded) never touches them;
+    # their predicates are matched by the queries written with the same literals (dispatcher/store/queries.py).
     __table_args__ = (
-        Index("ix_deliveries_endpoint_created", "endpoint_id", "created_at"),
-        Index("ix_deliveries_agent_created", "agent_id", "created_at"),  # the history API lists by agent, newest first
+        Index("ix_deliveries_endpoint_created_id", "endpoint_id", "created_at", "id"),
+        Index("ix_deliveries_agent_created_id", "agent_id", "created_at", "id"),  # an agent's, newest first
+        Index("ix_deliveries_created_id", "created_at", "id"),  # retention pruning, oldest first
+        Index("ix_deliveries_backlog", "endpoint_id", sqlite_where=text(BACKLOG_PREDICATE),
+              postgresql_where=text(BACKLOG_PREDICATE)),
+        Index("ix_deliveries_failed_updated", "endpoint_id", "updated_at", sqlite_where=text(FAILED_PREDICATE),
+              postgresql_where=text(FAILED_PREDICATE)),
+        Index("ix_deliveries_failed_agent", "agent_id", "created_at", "id", sqlite_where=text(FAILED_PREDICATE),
+              postgresql_where=text(FAILED_PREDICATE)),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     event_id: Mapped[str] = mapped_column(String(64), index=True)
     endpoint_id: Mapped[str] = mapped_column(String(64))
-    agent_id: Mapped[str] = mapped_column(String(128), index=True)
+    agent_id: Mapped[str] = mapped_column(String(128))
     event_type: Mapped[str] = mapped_column(String(128))
     status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

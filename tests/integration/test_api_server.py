@@ -19,6 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from dispatcher.store.migrate import head_revision
+
 LETTA_BUS = str(Path(sys.executable).parent / "letta-bus")
 
 
@@ -92,7 +94,7 @@ def test_up_serves_the_api_with_a_generated_development_key(stack):
     assert key.startswith("lbk_")
     health = httpx.get(f"{stack['api']}/healthz", timeout=5)
     assert health.status_code == 200 and health.json()["status"] == "ok", health.text
-    assert health.json()["dispatcher"]["running"] and health.json()["database"]["revision"] == "0002"
+    assert health.json()["dispatcher"]["running"] and health.json()["database"]["revision"] == head_revision()
     assert httpx.get(f"{stack['api']}/v1/webhooks", timeout=5).status_code == 401
     hook_url = f"http://127.0.0.1:{stack['hook'].server_address[1]}/curl"
     auth = {"Authorization": f"Bearer {key}"}

@@ -9,6 +9,7 @@ import time
 from bus.connection import connect
 from dispatcher.delivery.control import ChangeListener
 from dispatcher.delivery.endpoints import EndpointCache
+from dispatcher.store.migrate import head_revision
 from tests.helpers import wait_until
 
 
@@ -82,7 +83,7 @@ async def test_missing_or_wrong_key_is_401_and_health_is_open(api):
     health = await api.anon.get("/healthz")
     assert health.status_code == 200, health.text
     body = health.json()
-    assert body["status"] == "ok" and body["nats"]["connected"] and body["database"]["revision"] == "0002"
+    assert body["status"] == "ok" and body["nats"]["connected"] and body["database"]["revision"] == head_revision()
     assert body["consumers"]["webhook-fanout"]["pending"] == 0 and "ack_pending" in body["consumers"]["webhook-sender"]
     assert "/v1/agents/{agent_id}/webhook" in spec["paths"] and "/v1/webhook-deliveries/{delivery_id}/retry" in spec["paths"]
 

@@ -30,3 +30,30 @@ async def test_status_reports_streams_consumers_and_endpoints(api):
     eps = {e["id"]: e for e in body["endpoints"]}
     assert eps[ok["id"]]["circuit"] == "closed" and eps[ok["id"]]["owner"] == "agent-1"
     assert eps[bad["id"]]["failed_24h"] == 1
+
+
+async def test_status_lists_at_most_limit_endpoints_those_needing_attention_first(api):
+    """A fleet's status is bounded: totals for every endpoint, and ``limit`` endpoints, the troubled ones first
+    (before: every endpoint was listed, in creation order, and there were no totals)."""
+    for i in range(3):
+        await api.put_webhook(f"agent-{i}", "/ok")
+    bad = await api.put_webhook("agent-bad", "/bad")  # created last: listed first only for its failure
+    api.receiver.respond("/bad", 400)
+    await api.publish("agent-bad")
+    await api.receiver.wait_for(1, 5, "/bad")
+
+    async def settled():
+        body = (await api.client.get("/v1/status", params={"limit": 1})).json()
+        seen = body["endpoint_totals"]["failed_24h"] == 1 and body["endpoints"][0]["failed_24h"] == 1
+        return body if seen else None  # (totals and endpoints are separate reads: the row may land between)
+
+    body = await wait_until(settled, 10, what="status with one failure")
+    assert [e["id"] for e in body["endpoints"]] == [bad["id"]]
+    assert "failures" in body["endpoints"][0]["attention"] and body["endpoints_truncated"] is True
+    totals = body["endpoint_totals"]
+    assert totals["endpoints"] == 4 and totals["enabled"] == 4 and totals["disabled"] == 0
+    assert totals["backlog"] == 0 and totals["attention"] == 1
+    everything = (await api.client.get("/v1/status")).json()  # the default limit (100) holds this small fleet
+    assert len(everything["endpoints"]) == 4 and everything["endpoints_truncated"] is False
+    assert everything["endpoints"][0]["id"] == bad["id"]
+    assert (await api.client.get("/v1/status", params={"limit": 0})).status_code == 422
