@@ -26,7 +26,9 @@ Roles (README, "Security of the bus"):
                 durable, so it cannot read from or delete other services' durables), creates and deletes the
                 short-lived consumers of dead-letter listing on its own stream, deletes resent dead letters, and
                 uses the endpoint control subject, pulls and acks its ``webhook-exhausted`` durable on
-                ``LETTA_ADVISORIES`` and reads delivery tasks by sequence (max_deliver exhaustion). No stream admin,
+                ``LETTA_ADVISORIES`` and reads delivery tasks by sequence (max_deliver exhaustion), and owns the parked
+                backlogs (``LETTA_PARKED``: publish ``letta_parked.>``, create/info/pause/pull/ack/delete its
+                ``parked-<endpoint_id>`` durables, stream info, purge of a drained subject). No other stream admin,
                 and it may not delete its own durables.
 ``publisher``   Letta: publishes ``letta.>`` and reads its PubAcks; nothing under ``$JS.API``.
 ``subscriber``  internal services: its own consumers on the events stream (create, pull, ack, delete), reads
@@ -92,6 +94,7 @@ def role_permissions(role: Role, settings: Settings, *, inbox: str | None = None
     inbox_sub = f"{inbox or inbox_prefix(user_name(role))}.>"
     events, webhooks = settings.events_stream, settings.webhooks_stream
     fanout, sender = settings.fanout_durable, settings.sender_durable
+    parked = settings.parked_stream
     api = "$JS.API"
     if role == "admin":
         return Permissions(publish_allow=[">"], subscribe_allow=[">"])
@@ -121,10 +124,24 @@ def role_permissions(role: Role, settings: Settings, *, inbox: str | None = None
                 f"$JS.ACK.{settings.advisories_stream}.{settings.exhausted_durable}.>",
                 f"{api}.CONSUMER.INFO.{settings.advisories_stream}.{settings.exhausted_durable}",
                 f"{api}.STREAM.MSG.GET.{webhooks}",
+                # parked backlogs (dispatcher/delivery/parking.py): park, one durable per endpoint (create, info,
+                # pause, pull, ack, delete), list the parked subjects, purge a drained one
+                f"{settings.parked_subject_prefix}.>",
+                f"{api}.CONSUMER.CREATE.{parked}.*",
+                f"{api}.CONSUMER.CREATE.{parked}.*.>",
+                f"{api}.CONSUMER.DURABLE.CREATE.{parked}.*",
+                f"{api}.CONSUMER.INFO.{parked}.*",
+                f"{api}.CONSUMER.PAUSE.{parked}.*",
+                f"{api}.CONSUMER.DELETE.{parked}.*",
+                f"{api}.CONSUMER.MSG.NEXT.{parked}.*",
+                f"$JS.ACK.{parked}.>",
+                f"{api}.STREAM.INFO.{parked}",
+                f"{api}.STREAM.PURGE.{parked}",
                 settings.control_subject,
+                settings.peers_subject,  # dispatcher heartbeats: the fleet-wide agent rate limit
             ],
             publish_deny=[f"{api}.CONSUMER.DELETE.{webhooks}.{sender}"],
-            subscribe_allow=[inbox_sub, settings.control_subject],
+            subscribe_allow=[inbox_sub, settings.control_subject, settings.peers_subject],
         )
     if role == "subscriber":
         return Permissions(

@@ -21,7 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig,
 )
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NotFoundError
 
 from config.settings import Settings
 
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 ERR_STREAM_NAME_IN_USE = 10058
 ERR_STREAM_NOT_FOUND = 10059
+ERR_INSUFFICIENT_RESOURCES = 10047
 ERR_CONSUMER_REPLICAS_EXCEED_STREAM = 10126
 
 #: Bytes allowed for headers on top of ``max_event_bytes`` in the events stream's ``max_msg_size``.
@@ -121,6 +122,33 @@ def webhooks_stream_config(settings: Settings, *, schedules: bool = True) -> Str
     )
 
 
+def parked_stream_config(settings: Settings) -> StreamConfig:
+    """``LETTA_PARKED``: subjects ``letta_parked.<endpoint_id>``, the backlogs of endpoints whose circuit is open
+    (dispatcher/delivery/parking.py), one durable ``parked-<endpoint_id>`` each, made by the dispatcher. Limits
+    retention (a drained subject is purged up to its consumer's ack floor), file storage, no message schedules, so
+    it can use ``max_bytes`` = ``parked_max_bytes`` with discard NEW: a full stream refuses a park and the sender
+    defers the task as before, nothing parked is ever dropped for room. ``max_age`` keeps a parked task at least as
+    long as ``LETTA_WEBHOOKS`` keeps one (twice the replay window) and at least ``disable_after_s`` plus the retry
+    schedule and the longest cool-down (the latest a parked task is settled: delivered, or failed at disable);
+    seconds. Duplicate window as ``LETTA_WEBHOOKS`` (``Nats-Msg-Id = park:<seq>``: a redelivered task parks once)."""
+    horizon = settings.disable_after_s + sum(settings.retry_schedule_s) + settings.circuit_max_cooldown_s
+    max_age = max(2 * settings.events_max_age_s, horizon + 86_400.0)
+    return StreamConfig(
+        name=settings.parked_stream,
+        description="Backlogs of endpoints whose circuit is open (letta_parked.<endpoint_id>), each read by a "
+        "paused durable parked-<endpoint_id> that probes once per cool-down.",
+        subjects=[f"{settings.parked_subject_prefix}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        num_replicas=settings.stream_replicas,
+        max_age=max_age,
+        max_bytes=settings.parked_max_bytes,
+        discard=DiscardPolicy.NEW,
+        duplicate_window=min(settings.webhooks_duplicate_window_s, max_age),
+        metadata={"letta_bus.role": "parked-backlogs"},
+    )
+
+
 def max_deliveries_subject(stream: str, consumer: str) -> str:
     """Subject of the MAX_DELIVERIES advisory of one consumer, ``<MAX_DELIVERIES_ADVISORY>.<stream>.<consumer>``;
     nats-server publishes it in the consumer's account when a message has reached ``max_deliver``."""
@@ -204,10 +232,23 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         await js.add_stream(config)
         return
     except APIError as exc:
+        # 10047: the server counts an existing stream's max_bytes twice against max_file_store when it is added
+        # again (LETTA_WEBHOOKS and LETTA_PARKED reserve 4 GiB each by default): an update counts it once
+        if exc.err_code == ERR_INSUFFICIENT_RESOURCES and await _exists(js, config.name):
+            await js.update_stream(config)
+            return
         if exc.err_code != ERR_STREAM_NAME_IN_USE:
             raise
     log.info("stream %s exists with another config; updating it", config.name)
     await js.update_stream(config)
+
+
+async def _exists(js: JetStreamContext, stream: str) -> bool:
+    try:
+        await js.stream_info(stream)
+    except NotFoundError:
+        return False
+    return True
 
 
 async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig, *, wait_s: float = 10.0) -> None:
@@ -233,11 +274,13 @@ async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerCon
 
 
 async def provision(js: JetStreamContext, settings: Settings, *, schedules: bool = True) -> None:
-    """Create or update the three streams (events, webhooks, advisories) and the dispatcher's three durable
-    consumers. Idempotent. ``schedules``: see :func:`webhooks_stream_config`. The advisories stream is created before
-    the durables, so it captures from their first delivery on."""
+    """Create or update the four streams (events, webhooks, parked, advisories) and the dispatcher's three durable
+    consumers (the parked backlogs' durables are the dispatcher's to make). Idempotent. ``schedules``: see
+    :func:`webhooks_stream_config`. The advisories stream is created before the durables, so it captures from their
+    first delivery on."""
     await ensure_stream(js, events_stream_config(settings))
     await ensure_stream(js, webhooks_stream_config(settings, schedules=schedules))
+    await ensure_stream(js, parked_stream_config(settings))
     await ensure_stream(js, advisories_stream_config(settings))
     await ensure_consumer(js, settings.advisories_stream, exhausted_consumer_config(settings))
     await ensure_consumer(js, settings.events_stream, fanout_consumer_config(settings))

@@ -191,6 +191,10 @@ class Settings(BaseSettings):
         "letta_bus.control.endpoints", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
         description="Core NATS subject of endpoint change notices (outside every stream's subjects).",
     )
+    peers_subject: str = Field(
+        "letta_bus.control.dispatchers", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+        description="Core NATS subject of dispatcher heartbeats (dispatcher/delivery/peers.py), outside every stream.",
+    )
     webhook_test_wait_s: float = Field(
         15.0, gt=0, description="Seconds `POST .../webhook/test` waits for the attempt before answering 504.",
     )

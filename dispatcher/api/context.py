@@ -34,13 +34,13 @@ class ApiContext:
         return self.nc.jetstream()
 
     async def changed(self, endpoint_id: str, change: str) -> None:
-        """Announce an endpoint write to every dispatcher (:mod:`dispatcher.delivery.control`); never raises. The local
-        dispatcher, if any, also reloads right here, so the change applies before the response is sent."""
+        """Announce an endpoint write to every dispatcher (:mod:`dispatcher.delivery.control`); never raises. The
+        local dispatcher, if any, also applies it right here (that one row), so it holds before the response is sent."""
         await announce_change(self.nc, self.settings.control_subject, endpoint_id, change)
         if self.dispatcher is not None:
             try:
-                await self.dispatcher.endpoints.refresh()
-            except Exception:  # noqa: BLE001 - the notice and the periodic refresh follow
+                await self.dispatcher.endpoints.apply(endpoint_id)
+            except Exception:  # noqa: BLE001 - the notice and the reconciliation follow
                 pass
 
 

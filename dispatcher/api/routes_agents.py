@@ -68,7 +68,7 @@ async def run_test(endpoint: Endpoint, response: Response, ctx: ApiContext) -> T
         raise HTTPException(status.HTTP_409_CONFLICT,
                             f"endpoint {endpoint.id} is disabled ({endpoint.disabled_reason}): enable it first")
     if ctx.dispatcher is not None and ctx.dispatcher.endpoints.get(endpoint.id) is None:
-        await ctx.dispatcher.endpoints.refresh()  # created a moment ago: make sure the sender knows it
+        await ctx.dispatcher.endpoints.apply(endpoint.id)  # created a moment ago: make sure the sender knows it
     outcome = await send_test(ctx.js, ctx.settings, ctx.store, endpoint)
     if outcome.status == "timeout":
         response.status_code = status.HTTP_504_GATEWAY_TIMEOUT

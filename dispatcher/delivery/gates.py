@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 
 
 class EndpointGate:
@@ -41,6 +42,7 @@ class EndpointGate:
         self.consecutive_failures = 0
         self.open_until = 0.0
         self.probing = False
+        self.last_used = time.monotonic()  # last acquire or release, for idle eviction
         self._slots = asyncio.Semaphore(max_concurrency)
 
     @property
@@ -99,12 +101,27 @@ class EndpointGate:
         if state == "half-open":
             self.probing = True
         self.inflight += 1
+        self.last_used = time.monotonic()
         return True
+
+    def open_circuit(self) -> None:
+        """Open the circuit now for the current cool-down, as if ``failure_threshold`` attempts had failed (a
+        parked endpoint's probe failed in a process whose gate had not seen the outage)."""
+        self.consecutive_failures = max(self.consecutive_failures, self.failure_threshold)
+        self.open_until = time.monotonic() + self.cooldown_s
+
+    def idle_for(self, now: float) -> float | None:
+        """Seconds since the gate was last used when it holds nothing worth keeping (circuit closed, nothing in
+        flight, waiting or deferred), else None. ``now``: ``time.monotonic()``."""
+        if self.inflight or self.waiting or self.deferred or self.probing or self.state != "closed":
+            return None
+        return now - self.last_used
 
     def release(self, success: bool | None, duration_s: float = 0.0) -> None:
         """Record the outcome of a request: True success, False failure, None no verdict (e.g. 4xx other than
         408/429, which says nothing about the endpoint's health); ``duration_s`` feeds the latency estimate."""
         self.latency_s += 0.2 * (duration_s - self.latency_s)
+        self.last_used = time.monotonic()
         self.inflight -= 1
         self._slots.release()
         was_probe, self.probing = self.probing, False
@@ -122,18 +139,31 @@ class EndpointGate:
 class RateLimiter:
     """Token bucket with reservations, as GCRA (ITU-T I.371 generic cell rate algorithm): ``rate`` per second,
     ``burst`` at once. Each call reserves the next free slot, so deliveries over the limit get distinct, evenly
-    spaced times instead of all coming back at once."""
+    spaced times instead of all coming back at once.
 
-    def __init__(self, rate: float, burst: int) -> None:
+    ``share()`` (default: always 1) is the number of processes the limit is split between: each reservation then
+    takes ``share()`` / ``rate`` seconds and the burst is ``burst // share()`` (at least 1), so N dispatchers
+    together stay within ``rate`` (:class:`dispatcher.delivery.peers.Peers`). Raises ``ValueError`` for a rate <= 0."""
+
+    def __init__(self, rate: float, burst: int, share: Callable[[], int] | None = None) -> None:
         if rate <= 0:
             raise ValueError("rate must be > 0 events per second (LETTA_BUS_AGENT_RATE_LIMIT_PER_S)")
-        self.interval = 1.0 / rate
-        self.tolerance = (max(1, burst) - 1) * self.interval
+        self.rate = rate
+        self.burst = max(1, burst)
+        self.share = share or (lambda: 1)
         self._tat = 0.0  # theoretical arrival time of the next request
 
     def reserve(self) -> float:
         """Reserve one slot; returns the seconds to wait before using it (0.0 when it may go now)."""
+        n = max(1, self.share())
+        interval = n / self.rate
+        tolerance = (max(1, self.burst // n) - 1) * interval
         now = time.monotonic()
         tat = max(self._tat, now)
-        self._tat = tat + self.interval
-        return max(0.0, tat - self.tolerance - now)
+        self._tat = tat + interval
+        return max(0.0, tat - tolerance - now)
+
+    def is_full(self) -> bool:
+        """True when the bucket is full again (no reservation outstanding): the limiter can be dropped and made
+        again without changing what it allows."""
+        return self._tat <= time.monotonic()

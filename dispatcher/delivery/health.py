@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -53,6 +54,8 @@ class EndpointHealth:
         self._writes: dict[str, _Write] = {}  # endpoint id -> latest state to write
         self._wake = asyncio.Event()
         self.write_failures = 0  # database writes that failed and were retried
+        #: called with the endpoint id when this process disables an endpoint (the parked backlog's drainer)
+        self.on_disable: list[Callable[[str], None]] = []
 
     def succeeded(self, endpoint: EndpointView) -> None:
         """A 2xx: the endpoint is healthy again."""
@@ -84,6 +87,8 @@ class EndpointHealth:
         self._since.pop(endpoint.id, None)
         log.warning("endpoint %s (%s) disabled: %s", endpoint.id, endpoint.url, reason)
         self._queue(_Write(endpoint, disable_reason=reason, disabled_at=datetime.now(timezone.utc)))
+        for listener in self.on_disable:
+            listener(endpoint.id)
 
     def pending(self) -> int:
         """Endpoint writes not yet in the database."""

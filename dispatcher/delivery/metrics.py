@@ -38,6 +38,15 @@ RETRY_BACKLOG = Gauge("letta_bus_retry_backlog", "Delivery tasks waiting in mess
 DEAD_LETTERS = Gauge("letta_bus_dead_letters", "Messages on letta_webhooks.dead.>.")
 LOOP_RESTARTS = Counter("letta_bus_loop_restarts_total", "Consumer loops restarted after a crash.", ["loop"])
 CIRCUITS = Gauge("letta_bus_circuits", "Endpoint circuit breakers by state (this process).", ["state"])
+ENDPOINTS_IN_VIEW = Gauge("letta_bus_endpoints_in_view", "Endpoints in this process's endpoint view.")
+ENDPOINT_FULL_LOADS = Counter("letta_bus_endpoint_full_loads_total",
+                              "Full loads of the endpoint view (once at start; again only after a long gap).")
+ENDPOINT_CHANGES_APPLIED = Counter("letta_bus_endpoint_changes_applied_total",
+                                   "Endpoint changes applied by id (change notices).")
+ENDPOINT_SECRETS_UNDECRYPTABLE = Counter(
+    "letta_bus_endpoint_secrets_undecryptable_total",
+    "Endpoints disabled because no key in LETTA_BUS_SECRET_KEYS decrypts their secret.",
+)
 
 
 def serve_metrics(host: str, port: int) -> None:

@@ -57,6 +57,16 @@ def round_attempt(msg: Msg) -> int:
     return attempt_number(msg) - start
 
 
+def task_ref(msg: Msg, settings: Settings) -> str:
+    """The task's reference in ``Nats-Msg-Id`` values and schedule subjects: its stream sequence for a task of
+    ``LETTA_WEBHOOKS`` (as always), ``<stream>-<seq>`` for one read from another stream (a parked task, from
+    ``LETTA_PARKED``), so the two sequences never collide in a duplicate window. One subject token."""
+    seq = reply_numbers(msg)[0]
+    tokens = (msg.reply or "").split(".")
+    stream = tokens[2] if len(tokens) > 2 and tokens[0] == "$JS" else msg.metadata.stream
+    return str(seq) if stream == settings.webhooks_stream else f"{stream}-{seq}"
+
+
 class Rescheduler:
     """Retries, deferrals and dead letters for the sender. ``schedules`` is False on servers before 2.12."""
 
@@ -86,7 +96,7 @@ class Rescheduler:
 
     async def _republish(self, msg: Msg, endpoint_id: str, delay_s: float, used: int) -> None:
         at = datetime.now(timezone.utc) + timedelta(seconds=max(delay_s, 1.0) + 1.0)  # @at has whole seconds
-        seq = msg.metadata.sequence.stream
+        seq = task_ref(msg, self.settings)
         headers = dict(msg.headers or {})
         headers[H_MSG_ID] = f"schedule:{seq}"  # a repeated re-publish of the same task is dropped as a duplicate
         headers[H_PRIOR_ATTEMPTS] = str(max(used, 0))
@@ -100,7 +110,7 @@ class Rescheduler:
     async def dead_letter(self, msg: Msg, endpoint_id: str, attempts: int, error: str | None) -> None:
         """Copy the task to ``letta_webhooks.dead.<endpoint_id>`` with the last error, then ack it."""
         headers = {k: v for k, v in (msg.headers or {}).items() if k not in (H_SCHEDULE, H_SCHEDULE_TARGET)}
-        headers[H_MSG_ID] = f"dead:{msg.metadata.sequence.stream}"
+        headers[H_MSG_ID] = f"dead:{task_ref(msg, self.settings)}"
         headers[H_ATTEMPTS] = str(attempts)
         headers[H_LAST_ERROR] = (error or "unknown")[:1000].replace("\r", " ").replace("\n", " ")
         headers[H_FAILED_AT] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -26,8 +26,10 @@ from dispatcher.delivery.endpoints import EndpointCache, EndpointView
 from dispatcher.delivery.fetching import PullStream
 from dispatcher.delivery.gates import EndpointGate, RateLimiter
 from dispatcher.delivery.health import EndpointHealth
+from dispatcher.delivery.parking import FAILING, MOVED, OK, ParkingLot
 from dispatcher.delivery.outcome import Verdict, classify, parse_retry_after, retry_delay
 from dispatcher.delivery.scheduling import H_BUSY, H_RATE_SLOT, Rescheduler, attempt_number, round_attempt
+from dispatcher.delivery.signing import Signer
 from dispatcher.delivery.tasks import TaskInfo
 from dispatcher.delivery.webhook_http import LocalRequestError, WebhookHTTPClient, WebhookHTTPError
 from dispatcher.rules.ssrf import BlockedAddressError, parse_allow_cidrs, vet_url_for_request
@@ -42,11 +44,11 @@ _attempt_log = logging.getLogger("letta_bus.attempts")
 _T = TypeVar("_T")
 
 
-def request_headers(endpoint: EndpointView, task: TaskInfo, body: bytes, now: int,
+def request_headers(signer: Signer, task: TaskInfo, body: bytes, now: int,
                     trace: dict[str, str] | None = None) -> dict[str, str]:
-    """Headers of one webhook POST (DESIGN.md, "HTTP"); ``now`` is Unix seconds (``webhook-timestamp``);
-    ``trace``: the task's headers, whose W3C ``traceparent``/``tracestate`` are passed on."""
-    signer = endpoint.signer
+    """Headers of one webhook POST (DESIGN.md, "HTTP"), signed by ``signer`` (the endpoint's, from
+    :meth:`EndpointCache.signer`); ``now`` is Unix seconds (``webhook-timestamp``); ``trace``: the task's headers,
+    whose W3C ``traceparent``/``tracestate`` are passed on."""
     headers = {
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
@@ -62,11 +64,16 @@ def request_headers(endpoint: EndpointView, task: TaskInfo, body: bytes, now: in
 
 class Sender:
     """Runs the ``webhook-sender`` durable until ``stop`` is set. Counters: ``succeeded``, ``retried``,
-    ``failed``, ``skipped``, ``deferred``, ``blocked`` (refused by the SSRF guard)."""
+    ``failed``, ``skipped``, ``deferred``, ``parked``, ``blocked`` (refused by the SSRF guard), ``evicted`` (idle
+    gates and rate limiters dropped).
+
+    ``parking``: where tasks of an endpoint whose circuit is open wait (:mod:`dispatcher.delivery.parking`); the
+    sender delivers what it drains (:meth:`submit`). Without it they are deferred as message schedules."""
 
     def __init__(
         self, js: JetStreamContext, settings: Settings, endpoints: EndpointCache, history: HistoryWriter,
         health: EndpointHealth, rescheduler: Rescheduler, http: WebhookHTTPClient,
+        parking: ParkingLot | None = None,
     ) -> None:
         self.js = js
         self.settings = settings
@@ -77,13 +84,19 @@ class Sender:
         self.http = http
         self.gates: dict[str, EndpointGate] = {}
         self.limiters: dict[str, RateLimiter] = {}
+        self.rate_share: Callable[[], int] = lambda: 1  # live dispatchers sharing the agent rate limit (peers.py)
         self._free = settings.sender_concurrency  # delivery slots not in use
         self._slot_freed: asyncio.Future[None] | None = None
+        self._slot_event = asyncio.Event()  # set when a slot frees up (parked-backlog drainers wait on it)
         self._inflight: set[asyncio.Task[None]] = set()
         self.ssrf_allow = parse_allow_cidrs(settings.ssrf_allow_cidrs)
         self._urls: dict[str, yarl.URL] = {}  # endpoint URL -> parsed once
         self._vetted: set[str] = set()  # endpoint URLs the SSRF guard let through (fixed allowlist: no change)
         self.succeeded = self.retried = self.failed = self.skipped = self.deferred = self.blocked = 0
+        self.parked = self.evicted = 0
+        self.parking = parking
+        if parking is not None:
+            parking.bind(self.submit, self.gate)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch and deliver tasks until ``stop`` is set, then wait for the POSTs in flight to finish (at most
@@ -91,6 +104,7 @@ class Sender:
         s = self.settings
         pull = await PullStream(self.js, s.webhooks_stream, s.sender_durable, read_ahead=s.pull_batch,
                                 who="sender").start()
+        sweeper = asyncio.create_task(self._sweep(stop), name="gate-sweep")
         try:
             while not stop.is_set():
                 if self._free <= 0 and not await self._slot(1.0):  # no free slot within a second: check stop
@@ -107,7 +121,47 @@ class Sender:
             for task in list(self._inflight):  # still waiting for a gate or a slow POST: redelivered later
                 task.cancel()
         finally:
+            sweeper.cancel()
             await pull.close()
+
+    async def submit(self, msg: Msg) -> str | None:
+        """Deliver one task read from elsewhere than the sender's durable (a parked backlog): wait for a free
+        delivery slot, deliver it as :meth:`run` does, and return its outcome (``parking.OK``, ``FAILING``,
+        ``MOVED`` or None: see :mod:`dispatcher.delivery.parking`). The delivery runs to its end even if the
+        caller is cancelled (the sender's stop waits for it)."""
+        while self._free <= 0:
+            self._slot_event.clear()
+            await self._slot_event.wait()
+        self._free -= 1
+        task = asyncio.create_task(self._deliver(msg, time.monotonic()))
+        self._inflight.add(task)
+        task.add_done_callback(self._done)
+        await asyncio.wait([task])
+        return None if task.cancelled() or task.exception() is not None else task.result()
+
+    async def _sweep(self, stop: asyncio.Event) -> None:
+        """Every ``endpoint_idle_evict_s`` / 2 seconds drop idle gates and full rate limiters
+        (:meth:`evict_idle`)."""
+        idle_s = self.settings.endpoint_idle_evict_s
+        while not stop.is_set():
+            await asyncio.sleep(max(idle_s / 2, 0.05))
+            self.evict_idle(idle_s)
+
+    def evict_idle(self, idle_s: float) -> int:
+        """Drop the gates of endpoints idle for more than ``idle_s`` seconds (closed circuit, nothing in flight,
+        waiting, deferred or parked) and the rate limiters whose bucket is full again; returns how many were
+        dropped. Cost: O(gates + limiters in memory). A dropped one is made again, fresh, on next use."""
+        now = time.monotonic()
+        parking = self.parking
+        idle = [endpoint_id for endpoint_id, gate in self.gates.items()
+                if (gate.idle_for(now) or 0.0) > idle_s and not (parking is not None and parking.has(endpoint_id))]
+        for endpoint_id in idle:
+            del self.gates[endpoint_id]
+        full = [agent_id for agent_id, limiter in self.limiters.items() if limiter.is_full()]
+        for agent_id in full:
+            del self.limiters[agent_id]
+        self.evicted += len(idle) + len(full)
+        return len(idle) + len(full)
 
     async def _slot(self, timeout_s: float) -> bool:
         """Wait at most ``timeout_s`` seconds for a delivery slot to free up; True when one did."""
@@ -129,6 +183,7 @@ class Sender:
 
     def _give_slot(self) -> None:
         self._free += 1
+        self._slot_event.set()
         waiter = self._slot_freed
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -154,8 +209,10 @@ class Sender:
                 max_cooldown_s=s.circuit_max_cooldown_s, initial_latency_s=s.http_timeout_s / 5)
         return gate
 
-    async def _deliver(self, msg: Msg, taken: float) -> None:
-        """Deliver one task (``taken``: ``time.monotonic()`` when the sender took it off the pull stream)."""
+    async def _deliver(self, msg: Msg, taken: float) -> str | None:
+        """Deliver one task (``taken``: ``time.monotonic()`` when the sender took it off the pull stream). Returns
+        ``OK`` (2xx), ``FAILING`` (a failure counted against the endpoint), ``MOVED`` (parked or deferred, no
+        attempt) or None (otherwise settled)."""
         try:
             task = TaskInfo.from_headers(msg.headers)
         except KeyError as exc:
@@ -171,18 +228,21 @@ class Sender:
                 log.warning("endpoint %s not in the view and its lookup failed: %r", task.endpoint_id, exc)
                 self.deferred += 1
                 await self.rescheduler.defer(msg, task.endpoint_id, 5.0)
-                return
-        if endpoint is None or not endpoint.enabled:
+                return MOVED
+        if endpoint is None:  # deleted: nothing can bring its tasks back
             self.skipped += 1
-            why = "endpoint deleted" if endpoint is None else "endpoint disabled"
-            self._record(task, msg, attempt, DeliveryStatus.SKIPPED, None, 0.0, None, why)
-            return
+            self._record(task, msg, attempt, DeliveryStatus.SKIPPED, None, 0.0, None, "endpoint deleted")
+            return None
+        signer = self.endpoints.signer(endpoint) if endpoint.enabled else None
+        if signer is None:  # disabled (410, failing too long, by its owner) or its secret cannot be decrypted
+            self._disabled(msg, task, endpoint, attempt)
+            return None
         if endpoint.url not in self._vetted:
             try:
                 vet_url_for_request(endpoint.url, self.ssrf_allow)  # the HTTP client does not resolve IP literals
             except BlockedAddressError as exc:
                 self._blocked(msg, task, endpoint, attempt, exc)
-                return
+                return None
             if len(self._vetted) > 10_000:
                 self._vetted.clear()
             self._vetted.add(endpoint.url)
@@ -190,24 +250,28 @@ class Sender:
         if msg.headers.pop(H_BUSY, None):
             gate.returned()
         wait = gate.blocked_for()
-        if wait is None and not gate.can_wait():
+        if wait is not None:  # the circuit is open
+            return await self._park(msg, endpoint.id, wait)
+        if not gate.can_wait():
             msg.headers[H_BUSY] = "1"
             wait = gate.busy_delay()
         if wait is None:
             wait = await self._rate_wait(msg, task.agent_id)
         if wait is None:
             wait = await self._acquire(gate, msg, taken)
+            if wait == _CIRCUIT_OPEN:
+                return await self._park(msg, endpoint.id, gate.blocked_for() or gate.cooldown_s)
         if wait is not None:
-            self.deferred += 1
-            metrics.OUTCOMES.labels("deferred").inc()
+            self._defer_count()
             await self.rescheduler.defer(msg, endpoint.id, wait)
-            return
+            return MOVED
         try:
-            status_code, excerpt, error, retry_after, duration_ms, local = await self._post(endpoint, task, msg)
+            status_code, excerpt, error, retry_after, duration_ms, local = await self._post(
+                endpoint, signer, task, msg)
         except BlockedAddressError as exc:
             gate.release(None)
             self._blocked(msg, task, endpoint, attempt, exc)
-            return
+            return None
         metrics.ATTEMPT_SECONDS.observe(duration_ms / 1000)
         verdict = classify(status_code)
         gate.release(None if local else True if verdict is Verdict.SUCCEEDED else
@@ -216,7 +280,7 @@ class Sender:
             self.succeeded += 1
             self._record(task, msg, attempt, DeliveryStatus.SUCCEEDED, status_code, duration_ms, excerpt, error)
             self.health.succeeded(endpoint)
-            return
+            return OK
         if verdict is Verdict.RETRY:
             if not local:  # this process's fault (LocalRequestError): retried, but not the endpoint's failure
                 self.health.failed(endpoint)
@@ -226,7 +290,7 @@ class Sender:
                 delay = retry_delay(self.settings.retry_schedule_s, n, parse_retry_after(retry_after))
                 self._record(task, msg, attempt, DeliveryStatus.RETRYING, status_code, duration_ms, excerpt, error,
                              lambda: self.rescheduler.retry(msg, endpoint.id, delay))
-                return
+                return None if local else FAILING
             error = f"attempts exhausted ({attempt}); last: {error or f'HTTP {status_code}'}"
         elif verdict is Verdict.GONE:
             error = "410 Gone: endpoint disabled"
@@ -235,6 +299,33 @@ class Sender:
             error = error or f"HTTP {status_code}: not retried (only 408, 429 and 5xx are)"
         self.failed += 1
         self._record(task, msg, attempt, DeliveryStatus.FAILED, status_code, duration_ms, excerpt, error,
+                     lambda: self.rescheduler.dead_letter(msg, endpoint.id, attempt, error))
+        return FAILING if verdict is Verdict.RETRY and not local else None
+
+    def _defer_count(self) -> None:
+        self.deferred += 1
+        metrics.OUTCOMES.labels("deferred").inc()
+
+    async def _park(self, msg: Msg, endpoint_id: str, wait_s: float) -> str:
+        """The endpoint's circuit is open: park the task (one publish per task per outage), or, without parking
+        or when ``LETTA_PARKED`` refuses it (full), defer it by ``wait_s`` seconds as before."""
+        if self.parking is not None and await self.parking.park(msg, endpoint_id, attempt_number(msg) - 1):
+            self.parked += 1
+            return MOVED
+        self._defer_count()
+        await self.rescheduler.defer(msg, endpoint_id, wait_s)
+        return MOVED
+
+    def _disabled(self, msg: Msg, task: TaskInfo, endpoint: EndpointView, attempt: int) -> None:
+        """The endpoint is disabled, or its secret cannot be decrypted: no request; the delivery becomes
+        ``failed`` with a dead letter, so ``retry-failed`` or ``dead-letters resend`` brings it back once the owner
+        fixes and re-enables the endpoint (issue 11). Only a deleted endpoint's tasks are ``skipped``."""
+        self.failed += 1
+        if endpoint.enabled:
+            error = "endpoint's secret cannot be decrypted with any configured key: endpoint being disabled"
+        else:
+            error = "endpoint disabled: re-enable it, then retry-failed or dead-letters resend"
+        self._record(task, msg, attempt, DeliveryStatus.FAILED, None, 0.0, None, error,
                      lambda: self.rescheduler.dead_letter(msg, endpoint.id, attempt, error))
 
     def _blocked(self, msg: Msg, task: TaskInfo, endpoint: EndpointView, attempt: int, exc: BlockedAddressError) -> None:
@@ -247,7 +338,8 @@ class Sender:
                      lambda: self.rescheduler.dead_letter(msg, endpoint.id, attempt, error))
 
     async def _acquire(self, gate: EndpointGate, msg: Msg, taken: float) -> float | None:
-        """Take a slot of the endpoint's gate: None when this task holds one, else the seconds to defer it. A task
+        """Take a slot of the endpoint's gate: None when this task holds one, :data:`_CIRCUIT_OPEN` when the
+        circuit opened meanwhile (or its probe is out), else the seconds to defer it. A task
         waits for the gate only while its POST can still finish within ``ack_wait_s`` (counted from ``taken``, with
         ``http_timeout_s`` + 2 s kept for the POST and the ack), so a slowing endpoint's queue is deferred instead
         of being redelivered and POSTed twice."""
@@ -264,7 +356,7 @@ class Sender:
             msg.headers[H_BUSY] = "1"
             return gate.busy_delay()
         if not granted:  # the circuit opened while this delivery waited
-            return gate.blocked_for() or gate.cooldown_s
+            return _CIRCUIT_OPEN
         return None
 
     async def _rate_wait(self, msg: Msg, agent_id: str) -> float | None:
@@ -281,7 +373,7 @@ class Sender:
             return None
         limiter = self.limiters.get(agent_id)
         if limiter is None:
-            limiter = self.limiters[agent_id] = RateLimiter(rate, self.settings.agent_rate_burst)
+            limiter = self.limiters[agent_id] = RateLimiter(rate, self.settings.agent_rate_burst, self.rate_share)
         wait = limiter.reserve()
         if wait <= 1.0:
             if wait > 0:
@@ -290,10 +382,10 @@ class Sender:
         msg.headers[H_RATE_SLOT] = f"{time.time() + wait:.3f}"
         return wait
 
-    async def _post(self, endpoint: EndpointView, task: TaskInfo, msg: Msg) -> _Response:
-        """POST once. Raises only :class:`dispatcher.rules.ssrf.BlockedAddressError`."""
+    async def _post(self, endpoint: EndpointView, signer: Signer, task: TaskInfo, msg: Msg) -> _Response:
+        """POST once, signed by ``signer``. Raises only :class:`dispatcher.rules.ssrf.BlockedAddressError`."""
         body = msg.data
-        headers = request_headers(endpoint, task, body, int(time.time()), msg.headers)
+        headers = request_headers(signer, task, body, int(time.time()), msg.headers)
         url = self._urls.get(endpoint.url)
         if url is None:
             if len(self._urls) > 10_000:
@@ -339,6 +431,10 @@ class Sender:
             status_code=status_code, duration_ms=duration_ms, response_excerpt=excerpt, error=error, then=then,
             ack=msg if then is None else None, msg=msg, event_seq=task.event_seq, replay_id=task.replay_id,
         ))
+
+
+#: What :meth:`Sender._acquire` returns when the circuit refused the task (not a delay).
+_CIRCUIT_OPEN = -1.0
 
 
 class _Response(NamedTuple):

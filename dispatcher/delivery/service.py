@@ -18,12 +18,15 @@ from dispatcher.delivery.exhausted import ExhaustionHandler
 from dispatcher.delivery.fanout import FanOut
 from dispatcher.delivery.health import EndpointHealth
 from dispatcher.delivery.metrics import ConsumerGauges
+from dispatcher.delivery.parking import ParkingLot
+from dispatcher.delivery.peers import Peers
 from dispatcher.delivery.scheduling import Rescheduler
 from dispatcher.delivery.sender import Sender
 from dispatcher.delivery.webhook_http import WebhookHTTPClient
 from dispatcher.rules.ssrf import GuardedResolver
 from dispatcher.store.database import Store
 from dispatcher.store.history import HistoryWriter
+from dispatcher.store.retention import HistoryPruner
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ class Dispatcher:
         self.history = HistoryWriter(store, flush_s=settings.history_flush_s, batch=settings.history_batch,
                                      give_up_s=settings.history_give_up_s, keepalive_s=settings.ack_wait_s / 3,
                                      stop_give_up_s=min(10.0, settings.ack_wait_s / 2))
+        self.pruner = HistoryPruner(store, settings)  # history older than history_retention_days, in small batches
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.http: WebhookHTTPClient | None = None
@@ -52,9 +56,14 @@ class Dispatcher:
         self.exhausted: ExhaustionHandler | None = None
 
     async def start(self) -> None:
-        """Load endpoints and start the consumers: fan-out, sender and max-deliver advisories."""
+        """Load endpoints and start the consumers (fan-out, sender, max-deliver advisories, parked backlogs) and the
+        background work (endpoint reconciliation, health writes, peer heartbeats, history pruning, gauges)."""
         js = self.nc.jetstream()
-        await self.endpoints.refresh()
+        # endpoint writes reach this process by id at once (a notice during the load waits for it, then applies)
+        self.changes = ChangeListener(self.nc, self.settings.control_subject, self.endpoints.apply,
+                                      self.endpoints.reconcile)
+        await self.changes.start()
+        await self.endpoints.refresh()  # the one full load, in slices; reconciliations by updated_at after it
         self.resolver = GuardedResolver(allow_cidrs=self.settings.ssrf_allow_cidrs)
         self.http = WebhookHTTPClient(self.resolver, timeout_s=self.settings.http_timeout_s,
                                       excerpt_bytes=self.settings.response_excerpt_bytes,
@@ -63,23 +72,30 @@ class Dispatcher:
         self.history.start()
         self.fanout = FanOut(js, self.settings, self.endpoints, self.history)
         self.health = EndpointHealth(self.store, js, self.settings, self.endpoints)
+        self.endpoints.on_undecryptable = self.health.disable  # that endpoint alone, in the database too
         self.rescheduler = Rescheduler(js, self.settings, schedules=supports_schedules(self.nc))
+        self.parking = ParkingLot(js, self.settings, self.endpoints)
+        self.health.on_disable.append(self.parking.wake)
         self.sender = Sender(js, self.settings, self.endpoints, self.history, self.health, self.rescheduler,
-                             self.http)
+                             self.http, self.parking)
+        self.peers = Peers(self.nc, self.settings.peers_subject, self.settings.peer_heartbeat_s)
+        await self.peers.start()
+        self.sender.rate_share = self.peers.count  # the agent rate limit is the fleet's (delivery/peers.py)
         self.exhausted = ExhaustionHandler(js, self.settings, self.endpoints, self.store)
         self._tasks = [
             asyncio.create_task(self._supervise("fan-out", self.fanout.run), name="fanout"),
             asyncio.create_task(self._supervise("sender", self.sender.run), name="sender"),
             # max_deliver exhaustion on either durable: dead letter + failed row (dispatcher/delivery/exhausted.py)
             asyncio.create_task(self._supervise("max-deliver", self.exhausted.run), name="max-deliver"),
+            # backlogs of endpoints whose circuit is open: probe once per cool-down, drain (delivery/parking.py)
+            asyncio.create_task(self._supervise("parking", self.parking.run), name="parking"),
         ]
         self._refresher = asyncio.create_task(self.endpoints.run(), name="endpoint-refresh")
         self._health_writer = asyncio.create_task(self.health.run(), name="endpoint-health")
-        self.changes = ChangeListener(self.nc, self.settings.control_subject, self.endpoints.refresh)
-        await self.changes.start()  # endpoint writes reach this process at once, not at the next refresh
         gauges = ConsumerGauges(js, self.settings, lambda: [g.state for g in self.sender.gates.values()],
                                 interval_s=self.settings.metrics_refresh_s)
         self._gauges = asyncio.create_task(gauges.run(), name="metrics-gauges")
+        self._pruner = asyncio.create_task(self.pruner.run(), name="history-prune")
         _freeze_startup_objects()
 
 
@@ -112,12 +128,13 @@ class Dispatcher:
                     log.error("dispatcher task ended with %r", result, exc_info=result)
             self._tasks = []
             await self.changes.stop()
+            await self.peers.stop()
             self._health_writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_writer
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.health.flush(), 2.0)  # the last changes, if the database answers
-            for background in (self._refresher, self._gauges):
+            for background in (self._refresher, self._gauges, self._pruner):
                 background.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await background  # a reload cut short must release its connection before the store closes

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import event, select, update
+from sqlalchemy import Text, event, select, tuple_, type_coerce, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -19,10 +19,20 @@ from config.settings import Settings
 from dispatcher.rules.matching import check_patterns
 from dispatcher.rules.ssrf import check_webhook_url
 from dispatcher.rules.urls import normalize_webhook_url
-from dispatcher.store.models import Base, Endpoint, utcnow
+from dispatcher.store.models import Base, Endpoint, EndpointTombstone, utcnow
 from dispatcher.store.secrets import SecretBox, generate_secret
 
 MIN_SECRET_CHARS = 16
+
+#: Columns of an endpoint that delivery needs (:mod:`dispatcher.delivery.endpoints`), read with a Core select
+#: (rows, not ORM objects) by the ``endpoint_rows*`` methods, plus ``updated_at`` for the reconciliation cursor.
+#: ``events`` comes back as its JSON text (most endpoints share a few distinct texts).
+VIEW_COLUMNS = (
+    Endpoint.id, Endpoint.scope, Endpoint.agent_id, Endpoint.organization_id, Endpoint.url,
+    type_coerce(Endpoint.events, Text).label("events"),  # JSON text: the reader parses each distinct text once
+    Endpoint.enabled, Endpoint.failing_since, Endpoint.secret, Endpoint.previous_secret,
+    Endpoint.previous_secret_expires_at, Endpoint.updated_at,
+)
 
 
 class Store:
@@ -148,6 +158,7 @@ class Store:
                     token = getattr(endpoint, field)
                     if token and not self.secret_box.is_current(token):
                         setattr(endpoint, field, self.secret_box.rotate(token))
+                        endpoint.updated_at = utcnow()  # dispatchers reconcile by it (new token, same secret)
                         changed += 1
         return changed
 
@@ -169,6 +180,7 @@ class Store:
             endpoint = await self._agent_endpoint(s, agent_id)
             if endpoint is not None:
                 await s.delete(endpoint)
+                await s.merge(EndpointTombstone(endpoint_id=endpoint.id, deleted_at=utcnow()))
         return endpoint
 
     async def create_endpoint(
@@ -232,12 +244,15 @@ class Store:
             return await s.get(Endpoint, endpoint_id)
 
     async def delete_endpoint(self, endpoint_id: str) -> bool:
-        """Delete an endpoint by id; False when there was none."""
+        """Delete an endpoint by id; False when there was none. Both deletions write an
+        :class:`~dispatcher.store.models.EndpointTombstone` in the same transaction, so dispatchers reconciling
+        their view by time (:meth:`endpoint_tombstones_since`) see the deletion even without the change notice."""
         async with self.session.begin() as s:
             endpoint = await s.get(Endpoint, endpoint_id)
             if endpoint is None:
                 return False
             await s.delete(endpoint)
+            await s.merge(EndpointTombstone(endpoint_id=endpoint_id, deleted_at=utcnow()))
         return True
 
     async def list_endpoints(
@@ -257,10 +272,45 @@ class Store:
         async with self.session() as s:
             return list((await s.execute(select(Endpoint))).scalars())
 
+    async def endpoint_rows(self, *, after_id: str = "", limit: int = 1000) -> list:
+        """One keyset page of endpoints for the dispatcher's start-up load: at most ``limit`` rows with
+        ``id > after_id``, by id (the primary key index), as Core rows of :data:`VIEW_COLUMNS` (attribute access:
+        ``row.id``, ``row.secret`` is the encrypted token). An empty list ends the walk."""
+        stmt = select(*VIEW_COLUMNS).where(Endpoint.id > after_id).order_by(Endpoint.id).limit(limit)
+        async with self.engine.connect() as conn:
+            return list(await conn.execute(stmt))
+
+    async def endpoint_row(self, endpoint_id: str):  # noqa: ANN201 - a Core Row of VIEW_COLUMNS, or None
+        """One endpoint as a Core row of :data:`VIEW_COLUMNS`, or None when it does not exist."""
+        async with self.engine.connect() as conn:
+            return (await conn.execute(select(*VIEW_COLUMNS).where(Endpoint.id == endpoint_id))).first()
+
+    async def endpoint_rows_changed(self, since: datetime, *, after: tuple[datetime, str] | None = None,
+                                    limit: int = 1000) -> list:
+        """Endpoints with ``updated_at >= since`` (the indexed column), ordered by ``(updated_at, id)``; ``after``:
+        the ``(updated_at, id)`` of the last row of the previous page (keyset paging). At most ``limit`` Core rows of
+        :data:`VIEW_COLUMNS`."""
+        stmt = select(*VIEW_COLUMNS).where(Endpoint.updated_at >= since)
+        if after is not None:
+            stmt = stmt.where(tuple_(Endpoint.updated_at, Endpoint.id) > tuple_(*after))  # ix_endpoints_updated_id
+        stmt = stmt.order_by(Endpoint.updated_at, Endpoint.id).limit(limit)
+        async with self.engine.connect() as conn:
+            return list(await conn.execute(stmt))
+
+    async def endpoint_tombstones_since(self, since: datetime, *, limit: int = 10_000) -> list[str]:
+        """Ids of endpoints deleted at or after ``since`` (indexed ``deleted_at``), at most ``limit``, oldest
+        first. Tombstones older than the retention pruner's horizon (one day) are gone."""
+        stmt = (select(EndpointTombstone.endpoint_id).where(EndpointTombstone.deleted_at >= since)
+                .order_by(EndpointTombstone.deleted_at).limit(limit))
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(stmt)).scalars())
+
     async def set_failing_since(self, endpoint_id: str, since: datetime | None) -> None:
-        """Record when an endpoint started failing (None: it succeeded again)."""
+        """Record when an endpoint started failing (None: it succeeded again). Bumps ``updated_at``: the other
+        dispatchers' views carry ``failing_since`` (the disable clock), and they reconcile by ``updated_at``."""
         async with self.session.begin() as s:
-            await s.execute(update(Endpoint).where(Endpoint.id == endpoint_id).values(failing_since=since))
+            await s.execute(update(Endpoint).where(Endpoint.id == endpoint_id)
+                            .values(failing_since=since, updated_at=utcnow()))
 
     async def disable_endpoint(self, endpoint_id: str, reason: str) -> None:
         """Disable an endpoint and record why (e.g. it answered 410 Gone)."""

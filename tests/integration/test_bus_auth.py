@@ -77,7 +77,7 @@ async def test_explicit_user_and_password_settings_are_used(settings, nats_auth,
 async def test_admin_provisions_and_other_roles_may_not(settings, nc, caplog):
     caplog.set_level(logging.WARNING, logger="bus.connection")
     await provision_streams(settings)  # the admin role's generated credentials
-    assert await stream_names(nc) == ["LETTA_ADVISORIES", "LETTA_EVENTS", "LETTA_WEBHOOKS"]
+    assert await stream_names(nc) == ["LETTA_ADVISORIES", "LETTA_EVENTS", "LETTA_PARKED", "LETTA_WEBHOOKS"]
     info = await nc.jetstream().consumer_info("LETTA_WEBHOOKS", "webhook-sender")
     assert info.config.max_deliver == settings.max_attempts
 
@@ -130,7 +130,7 @@ async def test_publisher_cannot_delete_streams_create_consumers_or_read_deliveri
         await violation(caplog, subject, "Subscription")
     await nc.jetstream().publish("letta_webhooks.endpoint.disabled", b"{}")
     await asyncio.sleep(0.2)
-    assert seen == [] and await stream_names(nc) == ["LETTA_ADVISORIES", "LETTA_EVENTS", "LETTA_WEBHOOKS"]
+    assert seen == [] and await stream_names(nc) == ["LETTA_ADVISORIES", "LETTA_EVENTS", "LETTA_PARKED", "LETTA_WEBHOOKS"]
     assert [c.name for c in await nc.jetstream().consumers_info("LETTA_EVENTS")] == ["webhook-fanout"]
 
 
@@ -174,7 +174,7 @@ async def test_subscriber_cannot_publish_events_delete_streams_or_take_the_fanou
     await violation(caplog, "$JS.API.CONSUMER.MSG.NEXT.LETTA_EVENTS.webhook-fanout")
     await denied(caplog, js.stream_info("LETTA_WEBHOOKS"), "$JS.API.STREAM.INFO.LETTA_WEBHOOKS")
     assert (await nc.jetstream().stream_info("LETTA_EVENTS")).state.messages == 0
-    assert await stream_names(nc) == ["LETTA_ADVISORIES", "LETTA_EVENTS", "LETTA_WEBHOOKS"]
+    assert await stream_names(nc) == ["LETTA_ADVISORIES", "LETTA_EVENTS", "LETTA_PARKED", "LETTA_WEBHOOKS"]
 
 
 # --- dispatcher -----------------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ async def test_dispatcher_cannot_delete_streams_or_its_durables_or_publish_event
     await denied(caplog, js.delete_consumer("LETTA_EVENTS", "webhook-fanout"),
                  "$JS.API.CONSUMER.DELETE.LETTA_EVENTS.webhook-fanout")
     await denied(caplog, js.publish("letta.agent.step.completed", b"{}", timeout=0.5), "letta.agent.step.completed")
-    assert await stream_names(nc) == ["LETTA_ADVISORIES", "LETTA_EVENTS", "LETTA_WEBHOOKS"]
+    assert await stream_names(nc) == ["LETTA_ADVISORIES", "LETTA_EVENTS", "LETTA_PARKED", "LETTA_WEBHOOKS"]
     assert (await nc.jetstream().consumer_info("LETTA_EVENTS", "webhook-fanout")).name == "webhook-fanout"
 
 

@@ -163,7 +163,7 @@ async def test_open_circuit_defers_without_requests_or_attempts(settings, nc, st
         await publisher.publish_event("agent-1", "agent.run.completed", RUN, strict=True)
     await asyncio.sleep(0.8)
     assert len(receiver.received) == 2, "no request while the circuit is open"
-    assert d.sender.deferred >= 1
+    assert d.sender.parked >= 1 and d.sender.deferred == 0, "parked in LETTA_PARKED while open (issue 11)"
 
     rows = await wait_until(lambda: _all_succeeded(store, 6), timeout_s=20)
     by_attempts = sorted(r.attempts for r in rows)

@@ -71,7 +71,8 @@ async def test_provision_twice_is_idempotent(settings, nc):
         assert a.created == b.created, "the durable was recreated, not left in place"
         assert a.num_pending == b.num_pending
     names = {s.config.name for s in await js.streams_info()}
-    assert names == {settings.events_stream, settings.webhooks_stream, settings.advisories_stream}
+    assert names == {settings.events_stream, settings.webhooks_stream, settings.parked_stream,
+                     settings.advisories_stream}
     assert {c.name for c in await js.consumers_info(settings.events_stream)} == {settings.fanout_durable}
     assert {c.name for c in await js.consumers_info(settings.webhooks_stream)} == {settings.sender_durable}
     assert {c.name for c in await js.consumers_info(settings.advisories_stream)} == {settings.exhausted_durable}

@@ -69,9 +69,10 @@ def test_dispatcher_permissions_follow_the_settings():
     assert "$JS.API.CONSUMER.MSG.NEXT.WH.*" in perms.publish_allow
     assert "$JS.ACK.EV.fan.>" in perms.publish_allow and "$JS.ACK.WH.send.>" in perms.publish_allow
     assert "hooks.>" in perms.publish_allow and "ctl.endpoints" in perms.publish_allow
-    assert perms.subscribe_allow == ["_INBOX.mine.>", "ctl.endpoints"]
-    assert not any("STREAM.DELETE" in s or "STREAM.CREATE" in s or "STREAM.PURGE" in s or s.startswith("letta.")
-                   for s in perms.publish_allow)
+    assert perms.subscribe_allow == ["_INBOX.mine.>", "ctl.endpoints", custom.peers_subject]
+    # no stream admin; purge only of the parked backlogs' stream (a drained endpoint's subject: delivery/parking.py)
+    assert not any("STREAM.DELETE" in s or "STREAM.CREATE" in s or s.startswith("letta.") for s in perms.publish_allow)
+    assert [s for s in perms.publish_allow if "STREAM.PURGE" in s] == [f"$JS.API.STREAM.PURGE.{custom.parked_stream}"]
     assert "$JS.API.CONSUMER.DELETE.WH.send" in perms.publish_deny
     # on the events stream only its own durable: no creating, pulling from or deleting other consumers there
     events_consumers = [s for s in perms.publish_allow if s.startswith("$JS.API.CONSUMER.") and ".EV." in s]
