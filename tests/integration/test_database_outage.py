@@ -175,6 +175,7 @@ def _all_acked(js):  # noqa: ANN001, ANN202
     return check
 
 
+@pytest.mark.slow  # about 25 s: the slow tier (make test-slow)
 async def test_a_20_s_database_outage_during_deliveries_loses_no_attempt_and_posts_nothing_twice(
         settings, nc, dispatcher_nc, receiver, postgres_url, forwarder):
     """The whole dispatcher on PostgreSQL behind the forwarder, ack_wait 5 s. Events go out before, during and

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from bus.publisher import EventPublisher
 from dispatcher.delivery.service import Dispatcher
 from tests.helpers import wait_until
 
 RUN = {"run_id": "run-1", "status": "completed"}
+
+pytestmark = pytest.mark.slow  # about 40 s: the slow tier (make test-slow)
 
 
 async def test_failing_endpoint_backlog_does_not_stall_a_healthy_one(settings, nc, dispatcher_nc, store, receiver,
