@@ -135,6 +135,15 @@ async def postgres_url():
         await admin.close()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path: Path) -> str:
+    """The database of one test, once per backend: a SQLite file, or a fresh PostgreSQL database (skipped without
+    one)."""
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres_url")
+    return f"sqlite+aiosqlite:///{tmp_path}/test.db"
+
+
 @pytest.fixture
 async def as_role(settings: Settings):
     """``await as_role("publisher")``: a connection with that role's generated credentials; closed after the test."""

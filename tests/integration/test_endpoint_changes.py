@@ -20,7 +20,7 @@ from dispatcher.delivery.service import Dispatcher
 from dispatcher.store.database import Store
 from dispatcher.store.models import Endpoint, EndpointTombstone, utcnow
 from dispatcher.store.secrets import SecretBox, generate_key, generate_secret
-from tests.helpers import endpoint_row, wait_until
+from tests.helpers import deliveries, endpoint_row, wait_until
 
 STEP = {"step_id": "step-1", "status": "success", "run_id": "run-1"}
 
@@ -125,7 +125,6 @@ async def test_an_undecryptable_secret_disables_that_endpoint_alone(settings, nc
     before = metrics.ENDPOINT_SECRETS_UNDECRYPTABLE._value.get()  # noqa: SLF001 - prometheus_client has no getter
 
     d = Dispatcher(settings, dispatcher_nc, store)
-    d.endpoints.on_undecryptable = lambda view, reason: d.health.disable(view, reason)  # the service's wiring
     await d.start()  # the old cache raised SecretKeyError here: no view, no dispatcher
     try:
         assert d.endpoints.get(bad.id) is not None and d.endpoints.get(good.id) is not None
@@ -142,6 +141,12 @@ async def test_an_undecryptable_secret_disables_that_endpoint_alone(settings, nc
                    if r.levelno == logging.ERROR)
         assert [r for r in receiver.received if r.path == "/bad"] == []
         assert (await endpoint_row(store, good.id)).enabled
+        # its delivery is not lost: failed, with a dead letter, for retry-failed once the key is back
+        (row,) = await wait_until(lambda: _failed(store, bad.id), 10, what="the delivery failed, recoverably")
+        assert "cannot be decrypted" in row.last_error
+        subject = settings.dead_letter_subject(bad.id)
+        dead = await nc.jetstream().stream_info(settings.webhooks_stream, subjects_filter=subject)
+        assert dead.state.subjects == {subject: 1}
     finally:
         await d.stop()
 
@@ -185,3 +190,8 @@ async def _disabled(store, endpoint_id: str):
 def _head(agent_id: str) -> EnvelopeHead:
     return EnvelopeHead(event_id="evt_x", event_type="agent.step.completed", timestamp="2026-01-01T00:00:00Z",
                         agent_id=agent_id)
+
+
+async def _failed(store, endpoint_id: str):
+    rows = await deliveries(store, endpoint_id=endpoint_id)
+    return rows if rows and all(r.status == "failed" for r in rows) else None

@@ -13,13 +13,6 @@ from dispatcher.store.migrate import alembic_config, current_revision, head_revi
 from dispatcher.store.models import Base
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request, tmp_path) -> str:
-    if request.param == "postgres":
-        return request.getfixturevalue("postgres_url")
-    return f"sqlite+aiosqlite:///{tmp_path}/migrations.db"
-
-
 def _diffs(connection) -> list:
     context = MigrationContext.configure(connection, opts={"compare_type": True})
     return compare_metadata(context, Base.metadata)

@@ -20,13 +20,6 @@ from dispatcher.store.secrets import SecretBox, generate_key
 from tests.helpers import wait_until
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request, tmp_path) -> str:
-    if request.param == "postgres":
-        return request.getfixturevalue("postgres_url")
-    return f"sqlite+aiosqlite:///{tmp_path}/retention.db"
-
-
 @pytest.fixture
 async def store(db_url):
     s = Store(db_url, secret_box=SecretBox([generate_key()]))

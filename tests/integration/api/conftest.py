@@ -21,14 +21,6 @@ API_KEY = "lbk_test-key-0123456789abcdef"
 STEP = {"step_id": "step-1", "status": "success", "run_id": "run-1"}
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request, tmp_path) -> str:
-    """The database of one test: a SQLite file, or a fresh PostgreSQL database (skipped without one)."""
-    if request.param == "postgres":
-        return request.getfixturevalue("postgres_url")
-    return f"sqlite+aiosqlite:///{tmp_path}/api.db"
-
-
 @dataclass
 class Api:
     """Everything an API test touches."""
