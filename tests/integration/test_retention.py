@@ -9,7 +9,7 @@ import math
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, text
 
 from config.settings import Settings
 from dispatcher.store.database import Store
@@ -146,4 +146,27 @@ async def test_run_logs_a_failing_round_and_keeps_going(tmp_path, caplog):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        await store.close()
+
+
+async def test_without_autovacuum_the_pruner_vacuums_postgres_itself(postgres_url):
+    """PostgreSQL reuses pruned space only after a VACUUM. This project's servers run with autovacuum off, where
+    the history grew by all it inserted (bench/history_scale.py); the pruner then vacuums the two tables itself."""
+    store = Store(postgres_url, secret_box=SecretBox([generate_key()]))
+    try:
+        await store.upgrade_schema()
+        await _add(store, "old_", 30, timedelta(days=31))
+        pruner = HistoryPruner(store, _settings(history_prune_batch=10))
+        pruner.vacuum_after_rows = 20
+        async with store.engine.connect() as conn:
+            autovacuum = (await conn.execute(text("SHOW autovacuum"))).scalar() == "on"
+        assert await pruner.prune_once() == 30
+        async with store.engine.connect() as conn:
+            vacuumed = (await conn.execute(text(
+                "SELECT last_vacuum IS NOT NULL FROM pg_stat_user_tables WHERE relname = 'deliveries'"))).scalar()
+        if autovacuum:  # the server's autovacuum takes care of it: no VACUUM of the pruner's own
+            assert pruner.vacuums == 0 and not vacuumed
+        else:
+            assert pruner.vacuums == 1 and vacuumed and pruner._unvacuumed == 0  # noqa: SLF001
+    finally:
         await store.close()
