@@ -8,8 +8,8 @@ Run::
 
 Two scenarios in one run, each with its own nats-server (``bus.embedded.EmbeddedServer``, free port), SQLite store
 and an in-process dispatcher (so its CPU is this process's ``time.process_time()``), time compressed through
-settings (``circuit_cooldown_s`` 1 s doubling to 2 s, ``circuit_failure_threshold`` 3, ``disable_after_failures``
-3); 50 healthy endpoints on a receiver child process (bench/isolation.py ``HealthyReceivers``, 200 at once):
+settings (``circuit_cooldown_s`` 5 s doubling to 10 s, against 30 s doubling to 900 s by default,
+``circuit_failure_threshold`` 3, ``disable_after_failures`` 3); 50 healthy endpoints on a receiver child process (bench/isolation.py ``HealthyReceivers``, 200 at once):
 
 * ``baseline``: only the 50 healthy endpoints;
 * ``with_dead``: plus ``--dead`` endpoints whose URL is a closed port on 127.0.0.1 (connection refused). First
@@ -84,7 +84,7 @@ async def scenario(name: str, args: argparse.Namespace, base: Path) -> dict:
         server.start()
         receivers.start()
         settings = make_settings(server.url, tmp).model_copy(update={
-            "circuit_cooldown_s": 1.0, "circuit_max_cooldown_s": 2.0, "circuit_failure_threshold": 3,
+            "circuit_cooldown_s": 5.0, "circuit_max_cooldown_s": 10.0, "circuit_failure_threshold": 3,
             "disable_after_s": 10 * 86400.0, "disable_after_failures": 3, "retry_schedule_s": [0.5] * 8,
             "max_attempts": 10,
         })
@@ -188,7 +188,7 @@ async def main() -> None:
     parser.add_argument("--dead", type=int, default=100, help="dead endpoints (default 100)")
     parser.add_argument("--per-dead", type=int, default=10_000, help="queued deliveries per dead endpoint")
     parser.add_argument("--healthy-events", type=int, default=20_000, help="events to the 50 healthy endpoints")
-    parser.add_argument("--idle-s", type=float, default=10.0, help="idle window, seconds (several cool-downs)")
+    parser.add_argument("--idle-s", type=float, default=20.0, help="idle window, seconds (several cool-downs)")
     parser.add_argument("--deadline-s", type=float, default=300.0, help="bound on the healthy phase, seconds")
     parser.add_argument("--park-deadline-s", type=float, default=3600.0, help="bound on parking the backlog")
     parser.add_argument("--disable-deadline-s", type=float, default=3600.0, help="bound on disable -> failed")
