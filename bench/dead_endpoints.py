@@ -9,7 +9,8 @@ Run::
 Two scenarios in one run, each with its own nats-server (``bus.embedded.EmbeddedServer``, free port), SQLite store
 and an in-process dispatcher (so its CPU is this process's ``time.process_time()``), time compressed through
 settings (``circuit_cooldown_s`` 5 s doubling to 10 s, against 30 s doubling to 900 s by default,
-``circuit_failure_threshold`` 3, ``disable_after_failures`` 3); 50 healthy endpoints on a receiver child process (bench/isolation.py ``HealthyReceivers``, 200 at once):
+``circuit_failure_threshold`` 3, ``disable_after_failures`` 3); 50 healthy endpoints on a receiver child process
+(bench/isolation.py ``HealthyReceivers``, 200 at once):
 
 * ``baseline``: only the 50 healthy endpoints;
 * ``with_dead``: plus ``--dead`` endpoints whose URL is a closed port on 127.0.0.1 (connection refused). First
