@@ -37,8 +37,7 @@ class ChangeListener:
     that one row again: :meth:`dispatcher.delivery.endpoints.EndpointCache.apply`). Notices are coalesced per id:
     a burst of writes to one endpoint while it is being applied costs one more apply, not one per write; different
     endpoints are applied one after another in arrival order. A notice without an endpoint id calls
-    ``reconcile()`` when given (else it is left to the periodic reconciliation). ``applied`` counts applies
-    (``reloads`` is the same number, its former name)."""
+    ``reconcile()`` when given (else it is left to the periodic reconciliation). ``applied`` counts applies."""
 
     def __init__(self, nc: Client, subject: str, apply: Callable[[str], Awaitable[None]],
                  reconcile: Callable[[], Awaitable[None]] | None = None) -> None:
@@ -52,11 +51,6 @@ class ChangeListener:
         self._wake = asyncio.Event()
         self._sub = None
         self._task: asyncio.Task[None] | None = None
-
-    @property
-    def reloads(self) -> int:
-        """Former name of :attr:`applied`."""
-        return self.applied
 
     async def start(self) -> None:
         """Subscribe and start the apply loop."""

@@ -1,4 +1,5 @@
-"""The dispatcher service: endpoint cache, fan-out, sender and history writer, started and stopped together."""
+"""The dispatcher service: endpoint view, fan-out, sender, parked backlogs, history writer and pruner, peers and
+gauges, started and stopped together."""
 
 from __future__ import annotations
 
