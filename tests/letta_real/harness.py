@@ -1,6 +1,5 @@
 """The real Letta 0.16.8 server on 127.0.0.1, offline: its environment, a private PostgreSQL with pgvector, a fake
-OpenAI-compatible LLM and the server process. Used by the ``letta_real`` test tier (tests/letta_real/conftest.py)
-and by bench/letta_latency.py.
+OpenAI-compatible LLM and the server process. Used by the ``letta_real`` test tier (tests/letta_real/conftest.py).
 
 Facts this follows: ../shared/letta-0.16.8/README.md (pins, pgvector from the ``pgserver`` wheel, Alembic scripts
 from the sdist, ``Connection: close`` from the LLM, ``HOME`` in a temporary directory).
@@ -32,7 +31,6 @@ from typing import Any
 import httpx
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 #: Where copies of the PostgreSQL binaries and the template cluster live: readable by the ``postgres`` user
 #: (root's home is not).
 PG_CACHE = Path(os.environ.get("LETTA_BUS_PG_CACHE", "/var/tmp/letta-bus-pg"))
@@ -80,6 +78,18 @@ def letta_env(timeout_s: float = 900) -> LettaEnv:
     if proc.returncode != 0:
         raise RuntimeError(f"tests/letta_real/build_env.sh failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return LettaEnv(Path(proc.stdout.strip().splitlines()[-1]))
+
+
+def stop_group(proc: subprocess.Popen | None) -> None:
+    """Stop a process started with ``start_new_session=True`` and its children: SIGTERM to its process group,
+    SIGKILL after 15 s."""
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
 def _as_postgres(cmd: list[str]) -> list[str]:
@@ -254,14 +264,8 @@ class LettaServer:
         return self.log.read_text(errors="replace")[-size:] if self.log and self.log.exists() else ""
 
     def stop(self) -> None:
-        """SIGTERM to the server's process group (it was started in its own session), SIGKILL after 15 s."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        """Stop the server (:func:`stop_group`) and remove its home directory."""
+        stop_group(self.proc)
         self.proc = None
         if self.home is not None:
             shutil.rmtree(self.home, ignore_errors=True)
@@ -283,15 +287,6 @@ class LettaAPI:
     def create_agent(self, name: str) -> dict[str, Any]:
         return self._ok(self.http.post("/v1/agents/", json={
             "name": name, "model": "openai-proxy/fake-model", "embedding": "openai/text-embedding-3-small"}))
-
-    def create_tool(self, source_code: str) -> dict[str, Any]:
-        return self._ok(self.http.post("/v1/tools/", json={"source_code": source_code}))
-
-    def attach_tool(self, agent_id: str, tool_id: str) -> dict[str, Any]:
-        return self._ok(self.http.patch(f"/v1/agents/{agent_id}/tools/attach/{tool_id}"))
-
-    def detach_tool(self, agent_id: str, tool_id: str) -> dict[str, Any]:
-        return self._ok(self.http.patch(f"/v1/agents/{agent_id}/tools/detach/{tool_id}"))
 
     def send(self, agent_id: str, text: str, *ok: int) -> httpx.Response:
         """``POST /v1/agents/{id}/messages`` with one user message; returns the response (status checked)."""

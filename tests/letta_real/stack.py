@@ -1,4 +1,4 @@
-"""letta-bus as a user runs it next to Letta, for the real-Letta tier and bench/letta_latency.py: ``letta-bus up``
+"""letta-bus as a user runs it next to Letta, for the real-Letta tier: ``letta-bus up``
 (embedded nats-server with generated credentials, SQLite, the dispatcher and the API) and ``letta-bus bridge`` as
 processes, and a webhook receiver that records every POST.
 
@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import httpx
 from aiohttp import web
 from standardwebhooks import Webhook
 
-from tests.letta_real.harness import REPO, free_port
+from tests.letta_real.harness import free_port, stop_group
 
 API_KEY = "letta-real-tier-api-key-0123456789"
 BRIDGE_KEY = "letta-real-tier-bridge-key-0123456789"
@@ -62,13 +61,7 @@ class Process:
         raise RuntimeError(f"{self.name} did not answer {url} within {timeout_s} s:\n{self.tail()}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_group(self.proc)
 
 
 @dataclass
@@ -122,17 +115,6 @@ class Receiver:
         self.deliveries.append(Delivery(request.path, {k.lower(): v for k, v in request.headers.items()}, body,
                                         time.time()))
         return web.Response(status=204)
-
-    def events(self, path: str | None = None, **match: Any) -> list[dict[str, Any]]:
-        """Bodies (envelopes) received on ``path`` (all paths if ``None``) whose top-level fields equal ``match``."""
-        out = []
-        for d in list(self.deliveries):
-            if path is not None and d.path != path:
-                continue
-            body = d.json
-            if all(body.get(k) == v for k, v in match.items()):
-                out.append(body)
-        return out
 
     def wait_for(self, predicate, timeout_s: float = 30, what: str = "deliveries") -> list[dict[str, Any]]:
         """Poll until ``predicate()`` returns a truthy value (returned); ``AssertionError`` naming ``what`` after
@@ -257,11 +239,3 @@ class BusStack:
             process.stop()
         self.processes.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def letta_bus_in(letta_venv: Path) -> str:
-    """The ``letta-bus`` console script installed in Letta's environment (build_env.sh installs it there)."""
-    return str(letta_venv / "bin" / "letta-bus")
-
-
-__all__ = ["API_KEY", "BRIDGE_KEY", "BusStack", "Delivery", "Process", "REPO", "Receiver", "letta_bus_in"]
