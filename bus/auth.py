@@ -7,7 +7,7 @@ including file's directory, refuses a missing include and does not share variabl
 generated files are laid out as they are:
 
 ``<auth_dir>/`` (mode 0700, default ``./var/nats-auth``)
-    ``<role>.env``   one per role (admin, dispatcher, publisher, subscriber), mode 0600, written once and kept:
+    ``<role>.env``   one per role (admin, dispatcher, publisher, subscriber, bridge), mode 0600, written once and kept:
                      ``LETTA_BUS_NATS_USER``, ``LETTA_BUS_NATS_PASSWORD``, ``LETTA_BUS_NATS_INBOX_PREFIX``. Letta
                      and internal services use theirs (``set -a; . publisher.env; set +a``), or run on this machine
                      with the same ``LETTA_BUS_NATS_AUTH_DIR`` and find it by their role.

@@ -31,6 +31,9 @@ Roles (README, "Security of the bus"):
                 ``parked-<endpoint_id>`` durables, stream info, purge of a drained subject). No other stream admin,
                 and it may not delete its own durables.
 ``publisher``   Letta: publishes ``letta.>`` and reads its PubAcks; nothing under ``$JS.API``.
+``bridge``      ``letta-bus bridge``: publishes events (``letta.>``) and Letta's notifications
+                (``letta_bridge.notifications.>``), creates, updates and reads its ``LETTA_BRIDGE`` stream and its
+                ``bridge-enricher`` durable there, pulls and acks it. Nothing on the other streams.
 ``subscriber``  internal services: its own consumers on the events stream (create, pull, ack, delete), reads
                 the events stream; may not touch the dispatcher's ``webhook-fanout`` durable, publish events, or
                 administer streams.
@@ -49,8 +52,8 @@ from typing import Literal
 
 from config.settings import Settings
 
-Role = Literal["admin", "dispatcher", "publisher", "subscriber"]
-ROLES: tuple[Role, ...] = ("admin", "dispatcher", "publisher", "subscriber")
+Role = Literal["admin", "dispatcher", "publisher", "subscriber", "bridge"]
+ROLES: tuple[Role, ...] = ("admin", "dispatcher", "publisher", "subscriber", "bridge")
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,24 @@ def role_permissions(role: Role, settings: Settings, *, inbox: str | None = None
             ],
             publish_deny=[f"{api}.CONSUMER.DELETE.{webhooks}.{sender}"],
             subscribe_allow=[inbox_sub, settings.control_subject, settings.peers_subject],
+        )
+    if role == "bridge":
+        stream, durable = settings.bridge_stream, settings.bridge_durable
+        return Permissions(
+            publish_allow=[
+                f"{settings.subject_prefix}.>",
+                f"{settings.bridge_subject_prefix}.notifications.>",
+                f"{api}.STREAM.CREATE.{stream}",
+                f"{api}.STREAM.UPDATE.{stream}",
+                f"{api}.STREAM.INFO.{stream}",
+                f"{api}.CONSUMER.CREATE.{stream}.{durable}",
+                f"{api}.CONSUMER.CREATE.{stream}.{durable}.>",
+                f"{api}.CONSUMER.DURABLE.CREATE.{stream}.{durable}",
+                f"{api}.CONSUMER.INFO.{stream}.{durable}",
+                f"{api}.CONSUMER.MSG.NEXT.{stream}.{durable}",
+                f"$JS.ACK.{stream}.{durable}.>",
+            ],
+            subscribe_allow=[inbox_sub],
         )
     if role == "subscriber":
         return Permissions(

@@ -261,9 +261,22 @@ class Settings(BaseSettings):
     bridge_host: str = Field("127.0.0.1", description="Address `letta-bus bridge` listens on (0.0.0.0: all).")
     bridge_port: int = Field(8290, ge=0, le=65535, description="Port of `letta-bus bridge` (0: a free one).")
     bridge_key: SecretStr | None = Field(
-        None, description="The STEP_COMPLETE_KEY Letta sends as `Authorization: Bearer <key>`; callbacks pass it "
-        "as `?key=`. Required in production; unset in development: no check.",
+        None, description="The STEP_COMPLETE_KEY Letta sends as `Authorization: Bearer <key>` with the step webhook. "
+        "Required in production; unset in development: no check. Run/job callbacks need no key (Letta shows their "
+        "URL to every API user): the bridge publishes only what it reads back from Letta.",
     )
+    bridge_stream: str = Field(
+        "LETTA_BRIDGE", pattern=r"^[A-Za-z0-9_-]+$",
+        description="Stream holding Letta's notifications between the bridge's 202 and their enrichment.",
+    )
+    bridge_subject_prefix: str = Field("letta_bridge", pattern=r"^[a-z][a-z0-9_]*$")
+    bridge_durable: str = Field("bridge-enricher", pattern=r"^[A-Za-z0-9_-]+$")
+    bridge_settle_s: float = Field(
+        30.0, gt=0, description="Seconds the enricher waits, after a notification was stored, for Letta to finish "
+        "writing what it announced (a step's messages, a run's status and steps); then it publishes what Letta "
+        "has (a step) or drops the notification as unconfirmed (a run or job Letta does not show as finished).",
+    )
+    bridge_concurrency: int = Field(8, ge=1, le=256, description="Notifications the enricher handles at once.")
     step_complete_webhook: str | None = Field(
         None, validation_alias=AliasChoices("step_complete_webhook", "STEP_COMPLETE_WEBHOOK"),
         description="Letta's own variable (no LETTA_BUS_ prefix): where the legacy step-complete webhook POSTs "

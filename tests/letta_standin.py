@@ -1,17 +1,28 @@
 """A stand-in for the Letta REST endpoints the bridge reads, as a real aiohttp server on 127.0.0.1:0.
 
-Responses follow Letta's published API schemas (letta-ai/letta-python ``letta_client.types``: ``Step``,
-``agents.Run``, ``runs.UsageRetrieveResponse``; letta-ai/letta ``letta/schemas/job.py``: ``Job``), with every field
-present as a real server sends it (``null`` where unset). Auth: ``Authorization: Bearer <token>`` or 401, as a Letta
-server with a password answers.
+Its objects are the JSON the real ``letta==0.16.8`` server answered (tests/fixtures/letta-0.16.8/, captured from
+it; tests/unit/test_letta_standin.py checks the stand-in against them key by key), with fresh ids. Jobs have no
+captured sample (0.16.8 cannot run a batch with an OpenAI-compatible model): :func:`make_job` follows
+``letta/schemas/job.py`` ``Job``. Auth: ``Authorization: Bearer <token>`` or 401, as a Letta with a password
+answers.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+SAMPLES = Path(__file__).parent / "fixtures" / "letta-0.16.8"
+
+
+def sample(name: str) -> Any:
+    """A captured answer of the real server: ``sample("step_get")`` is ``step_get.json``."""
+    return json.loads((SAMPLES / f"{name}.json").read_text())
 
 
 def letta_id(prefix: str) -> str:
@@ -20,101 +31,77 @@ def letta_id(prefix: str) -> str:
 
 
 ORG_ID = "org-00000000-0000-4000-8000-000000000000"
+USER_ID = "user-00000000-0000-4000-8000-000000000000"
+
+
+def _override(obj: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` set keys of ``obj``; the value ``...`` removes one."""
+    for key, value in fields.items():
+        if value is ...:
+            obj.pop(key, None)
+        else:
+            obj[key] = value
+    return obj
 
 
 def make_step(**fields: Any) -> dict[str, Any]:
-    """A complete Letta ``Step`` (status ``success``) with one assistant message carrying a tool call; ``fields``
+    """A Letta ``Step`` as 0.16.8 answers ``GET /v1/steps/{id}`` (status ``success``), fresh ids; ``fields``
     override or remove (value ``...``) any key."""
-    def given(key: str, default: Any) -> Any:
-        value = fields.get(key, default)
-        return None if value is ... else value
-
-    step_id = given("id", letta_id("step"))
-    agent_id = given("agent_id", letta_id("agent"))
-    run_id = given("run_id", letta_id("run"))
-    step: dict[str, Any] = {
-        "id": step_id, "origin": None, "organization_id": ORG_ID,
-        "provider_id": letta_id("provider"), "provider_name": "openai", "provider_category": "base",
-        "model": "gpt-4o-mini", "model_endpoint": "https://api.openai.com/v1", "model_handle": "openai/gpt-4o-mini",
-        "context_window_limit": 128000, "completion_tokens": 42, "prompt_tokens": 1200, "total_tokens": 1242,
-        "completion_tokens_details": {"reasoning_tokens": 0},
-        "prompt_tokens_details": {"cached_tokens": 0, "cache_read_tokens": 0, "cache_creation_tokens": 0},
-        "cached_input_tokens": None, "cache_write_tokens": None, "reasoning_tokens": None,
-        "stop_reason": "end_turn", "tags": [], "tid": None, "trace_id": "0af7651916cd43dd8448eb211c80319c",
-        "run_id": run_id, "agent_id": agent_id, "project_id": None, "request_id": None, "feedback": None,
-        "status": "success", "error_type": None, "error_data": None,
-        "messages": [{
-            "id": letta_id("message"), "role": "assistant", "agent_id": agent_id, "model": "gpt-4o-mini",
-            "content": [{"type": "reasoning", "reasoning": "User greeted me.", "is_native": True, "signature": None}],
-            "tool_calls": [{"id": "call_9f2c", "type": "function",
-                            "function": {"name": "send_message", "arguments": "{\"message\": \"Hello!\"}"}}],
-            "tool_call_id": None, "step_id": step_id, "run_id": run_id, "otid": None, "tool_returns": [],
-            "group_id": None, "sender_id": None, "batch_item_id": None, "is_err": None, "approval_request_id": None,
-            "approve": None, "denial_reason": None, "approvals": None, "conversation_id": None, "name": None,
-            "created_at": "2026-01-01T12:00:01.000000Z", "updated_at": None, "created_by_id": None,
-            "last_updated_by_id": None,
-        }],
-    }
-    for key, value in fields.items():
-        if value is ...:
-            step.pop(key, None)
-        else:
-            step[key] = value
-    return step
+    step = copy.deepcopy(sample("step_get"))
+    step.update(id=letta_id("step"), agent_id=letta_id("agent"), run_id=letta_id("run"))
+    return _override(step, fields)
 
 
 def make_failed_step(**fields: Any) -> dict[str, Any]:
-    """A step Letta's ``update_step_error_async`` left: status ``failed``, ``error_type``, ``error_data``."""
-    return make_step(**{
-        "status": "failed", "stop_reason": "llm_api_error", "completion_tokens": 0, "prompt_tokens": 1200,
-        "total_tokens": 1200, "messages": [], "error_type": "RateLimitError",
-        "error_data": {"message": "Rate limit reached for gpt-4o-mini", "traceback": "Traceback (most recent ...)",
-                       "details": {"provider": "openai", "status_code": 429}},
-        **fields,
-    })
+    """A step Letta's ``update_step_error_async`` left (``step_get_failed.json``): status ``failed``,
+    ``error_type``, ``error_data{message, traceback, details}``."""
+    step = copy.deepcopy(sample("step_get_failed"))
+    step.update(id=letta_id("step"), agent_id=letta_id("agent"), run_id=letta_id("run"))
+    return _override(step, fields)
+
+
+def make_messages(step: dict[str, Any], *, tool: str = "conversation_search") -> list[dict[str, Any]]:
+    """``GET /v1/steps/{id}/messages`` of a step that called ``tool`` (user, tool call, tool return), ids of
+    ``step``."""
+    messages = copy.deepcopy(sample("step_messages_get"))
+    for message in messages:
+        message.update(id=letta_id("message"), step_id=step["id"], run_id=step.get("run_id"))
+        for call in [message.get("tool_call"), *(message.get("tool_calls") or [])]:
+            if call:
+                call["name"] = tool
+    return messages
 
 
 def make_run(**fields: Any) -> dict[str, Any]:
-    """A complete Letta ``Run`` (``agents.Run``), status ``completed``."""
-    run = {
-        "id": letta_id("run"), "agent_id": letta_id("agent"), "background": False, "base_template_id": None,
-        "callback_error": None, "callback_sent_at": None, "callback_status_code": None, "callback_url": None,
-        "completed_at": "2026-01-01T12:00:03.120000", "conversation_id": None,
-        "created_at": "2026-01-01T12:00:00.000000", "metadata": {}, "status": "completed",
-        "stop_reason": "end_turn", "total_duration_ns": 3120000000, "ttft_ns": 410000000,
-        "request_config": {"use_assistant_message": True, "assistant_message_tool_name": "send_message",
-                           "assistant_message_tool_kwarg": "message", "include_return_message_types": None},
-    }
-    run.update(fields)
-    return run
+    """A Letta ``Run`` as 0.16.8 answers ``GET /v1/runs/{id}`` (``run_get.json``: completed, async)."""
+    run = copy.deepcopy(sample("run_get"))
+    run.update(id=letta_id("run"), agent_id=letta_id("agent"))
+    return _override(run, fields)
 
 
 def make_usage(**fields: Any) -> dict[str, Any]:
-    """``GET /v1/runs/{run_id}/usage``: ``UsageRetrieveResponse``."""
-    usage = {"completion_tokens": 84, "prompt_tokens": 2400, "total_tokens": 2484,
-             "completion_tokens_details": {"reasoning_tokens": 0},
-             "prompt_tokens_details": {"cache_creation_tokens": 0, "cache_read_tokens": 0, "cached_tokens": 0}}
-    usage.update(fields)
-    return usage
+    """``GET /v1/runs/{run_id}/usage`` (``run_usage_get.json``)."""
+    return _override(copy.deepcopy(sample("run_usage_get")), fields)
 
 
 def make_job(**fields: Any) -> dict[str, Any]:
-    """A complete Letta ``Job`` (letta/schemas/job.py), a finished batch job."""
+    """A Letta ``Job`` (letta/schemas/job.py; no captured sample), a finished batch job of the default user."""
     job = {
         "id": letta_id("job"), "status": "completed", "created_at": "2026-01-01T12:00:00",
-        "completed_at": "2026-01-01T12:00:09", "metadata": {}, "job_type": "batch", "callback_url": None,
-        "callback_sent_at": None, "callback_status_code": None, "callback_error": None, "ttft_ns": None,
-        "total_duration_ns": None, "user_id": letta_id("user"), "organization_id": ORG_ID,
-        "created_by_id": None, "last_updated_by_id": None, "updated_at": None,
+        "completed_at": "2026-01-01T12:00:09", "metadata": {"job_type": "batch_messages"}, "job_type": "batch",
+        "callback_url": None, "callback_sent_at": None, "callback_status_code": None, "callback_error": None,
+        "ttft_ns": None, "total_duration_ns": None, "agent_id": None, "background": None, "stop_reason": None,
+        "user_id": USER_ID, "created_by_id": None, "last_updated_by_id": None, "updated_at": None,
     }
-    job.update(fields)
-    return job
+    return _override(job, fields)
 
 
 class LettaStandIn:
-    """``GET /v1/steps/{id}``, ``/v1/runs/{id}``, ``/v1/runs/{id}/usage``, ``/v1/jobs/{id}`` from the dicts
-    :attr:`steps`, :attr:`runs`, :attr:`usages`, :attr:`jobs`; 404 ``{"detail": ...}`` for unknown ids (as Letta's
-    NoResultFound handler answers). :attr:`fail` maps a path to a status to answer instead (e.g. 500);
+    """``GET /v1/steps/{id}``, ``/v1/steps/{id}/messages``, ``/v1/runs/{id}``, ``/v1/runs/{id}/usage``,
+    ``/v1/runs/{id}/steps``, ``/v1/jobs/{id}``, ``/v1/admin/users/`` from :attr:`steps`, :attr:`messages`,
+    :attr:`runs`, :attr:`usages`, :attr:`run_steps`, :attr:`jobs`, :attr:`users`; 404 ``{"detail": ...}`` for
+    unknown ids (as Letta's NoResultFound handler answers; a run it does not know is 400 there, as in 0.16.8).
+    :attr:`fail` maps a path to a status to answer instead (e.g. 500);
     :attr:`requests` records ``(path, headers)`` of every request."""
 
     def __init__(self, token: str = "letta-secret-token") -> None:
@@ -123,6 +110,9 @@ class LettaStandIn:
         self.runs: dict[str, dict] = {}
         self.usages: dict[str, dict] = {}
         self.jobs: dict[str, dict] = {}
+        self.messages: dict[str, list] = {}
+        self.run_steps: dict[str, list] = {}
+        self.users: list[dict] = sample("admin_users_get")
         self.fail: dict[str, int] = {}
         self.requests: list[tuple[str, dict[str, str]]] = []
         self._runner: web.AppRunner | None = None
@@ -134,10 +124,13 @@ class LettaStandIn:
 
     async def start(self) -> "LettaStandIn":
         app = web.Application()
+        app.router.add_get("/v1/steps/{id}/messages", self._lookup(self.messages, "Step"))
         app.router.add_get("/v1/steps/{id}", self._lookup(self.steps, "Step"))
         app.router.add_get("/v1/runs/{id}/usage", self._lookup(self.usages, "Run"))
-        app.router.add_get("/v1/runs/{id}", self._lookup(self.runs, "Run"))
+        app.router.add_get("/v1/runs/{id}/steps", self._lookup(self.run_steps, "Run"))
+        app.router.add_get("/v1/runs/{id}", self._lookup(self.runs, "Run", missing=400))
         app.router.add_get("/v1/jobs/{id}", self._lookup(self.jobs, "Job"))
+        app.router.add_get("/v1/admin/users/", self._lookup({"": self.users}, "User"))
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -149,17 +142,17 @@ class LettaStandIn:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def _lookup(self, table: dict[str, dict], kind: str):  # noqa: ANN202
+    def _lookup(self, table: dict[str, Any], kind: str, missing: int = 404):  # noqa: ANN202
         async def handle(request: web.Request) -> web.Response:
             self.requests.append((request.path, dict(request.headers)))
             if request.headers.get("Authorization") != f"Bearer {self.token}":
                 return web.json_response({"detail": "Unauthorized"}, status=401)
             if request.path in self.fail:
                 return web.json_response({"detail": "Internal server error"}, status=self.fail[request.path])
-            item = table.get(request.match_info["id"])
+            item = table.get(request.match_info.get("id", ""))
             if item is None:
                 return web.json_response({"detail": f"{kind} with id {request.match_info['id']} not found"},
-                                         status=404)
+                                         status=missing)
             return web.json_response(item)
 
         return handle

@@ -4,20 +4,23 @@ derived from the Letta ids so that a repeated notification is the same event (Je
 Pure functions, no I/O. Field names follow Letta's published schemas (see :mod:`dispatcher.bridge.letta_client`):
 
 =================================  ======================  ======================================================
-Letta notification                 event_type              data
+What Letta shows                   event_type              data
 =================================  ======================  ======================================================
 step, status ``success``           agent.step.completed    step_id, status, usage, tool_calls, run_id, + extras
 step, status ``failed``            agent.step.failed       step_id, error, error_type, run_id, error_data, usage
 step, status ``cancelled``         agent.step.cancelled    step_id, run_id, + extras
-run callback                       agent.run.completed     run_id, status, completed_at, usage, stop_reason,
+run, terminal status               agent.run.completed     run_id, status, completed_at, usage, stop_reason,
                                                            metadata
-job callback                       agent.job.completed     job_id, status, completed_at, job_type, metadata
+run, status ``cancelled``          agent.step.cancelled    step_id (the run's last step), run_id,
+                                                           stop_reason ``cancelled``, step_status
+job, terminal status               agent.job.completed     job_id, status, completed_at, job_type, metadata
 =================================  ======================  ======================================================
 
-Extras (only when Letta gave them): ``stop_reason``, ``model``, ``provider_name``, ``project_id``, ``trace_id``.
-Servers older than the step ``status`` field: a step with ``error_type`` counts as failed, otherwise as success.
-``error_data.traceback`` is left out (server internals; large). ``metadata`` is left out when its JSON exceeds
-:data:`MAX_METADATA_BYTES`, and its ``result`` (the whole LettaResponse) always is.
+Every field comes from Letta's REST reads (the step, its messages, the run, its steps and usage, the job), never
+from a notification's body. Extras (only when Letta gave them): ``stop_reason``, ``model``, ``provider_name``,
+``project_id``, ``trace_id``. Servers older than the step ``status`` field: a step with ``error_type`` counts as
+failed, otherwise as success. ``error_data.traceback`` is left out (server internals; large). ``metadata`` is left
+out when its JSON exceeds :data:`MAX_METADATA_BYTES`, and its ``result`` (the whole LettaResponse) always is.
 """
 
 from __future__ import annotations
@@ -101,26 +104,31 @@ def usage_from(counts: dict[str, Any] | None, *, run_id: str | None, step_count:
 
 
 def tool_calls_from(messages: Any) -> list[dict[str, Any]]:
-    """OpenAI-shaped tool calls (``id``, ``type``, ``function{name, arguments}``) of a step's ``messages`` (Letta's
-    deprecated ``Step.messages``; each message's ``tool_calls``). Malformed entries are skipped."""
+    """OpenAI-shaped tool calls (``id``, ``type``, ``function{name, arguments}``) of a step's messages as
+    ``GET /v1/steps/{step_id}/messages`` gives them (Letta 0.16: ``tool_call_message`` entries, each with
+    ``tool_calls[]`` of ``{name, arguments, tool_call_id}``, or the single ``tool_call`` of older servers), in
+    order. Malformed entries are skipped."""
     calls: list[dict[str, Any]] = []
     for message in messages if isinstance(messages, list) else []:
-        for call in (message.get("tool_calls") or []) if isinstance(message, dict) else []:
-            function = call.get("function") if isinstance(call, dict) else None
-            if not isinstance(function, dict) or not nonempty_str(call.get("id")):
+        if not isinstance(message, dict) or message.get("message_type") != "tool_call_message":
+            continue
+        listed = message.get("tool_calls")
+        for call in listed if isinstance(listed, list) else [message.get("tool_call")]:
+            if not isinstance(call, dict) or not nonempty_str(call.get("tool_call_id")):
                 continue
-            if not nonempty_str(function.get("name")):
+            if not nonempty_str(call.get("name")):
                 continue
-            arguments = function.get("arguments", "")
-            calls.append({"id": call["id"], "type": "function", "function": {
-                "name": function["name"],
+            arguments = call.get("arguments", "")
+            calls.append({"id": call["tool_call_id"], "type": "function", "function": {
+                "name": call["name"],
                 "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments),
             }})
     return calls
 
 
-def step_event(step: dict[str, Any]) -> BridgeEvent:
-    """The event for a Letta ``Step`` read from ``GET /v1/steps/{step_id}``.
+def step_event(step: dict[str, Any], messages: list[Any] | None = None) -> BridgeEvent:
+    """The event for a Letta ``Step`` read from ``GET /v1/steps/{step_id}``; ``messages``: the step's messages
+    (``GET /v1/steps/{step_id}/messages``), whose tool calls ``agent.step.completed`` carries.
 
     Raises :class:`StepNotTerminal` for a ``pending`` step and :class:`BadLettaData` when ``id`` or ``agent_id``
     is missing or the status is unknown.
@@ -144,7 +152,7 @@ def step_event(step: dict[str, Any]) -> BridgeEvent:
     data: dict[str, Any] = {"step_id": step_id, "run_id": run_id}
     usage = usage_from(step, run_id=run_id, step_count=1)
     if event_type == "agent.step.completed":
-        data.update(status=status, usage=usage, tool_calls=tool_calls_from(step.get("messages")))
+        data.update(status=status, usage=usage, tool_calls=tool_calls_from(messages))
     elif event_type == "agent.step.failed":
         error_data = step.get("error_data") if isinstance(step.get("error_data"), dict) else {}
         error_type = nonempty_str(step.get("error_type"))
@@ -201,6 +209,21 @@ def run_event(
     return BridgeEvent("agent.run.completed", agent_id, organization_id, data, bridge_event_id("run", run_id, status))
 
 
+def cancelled_step_event(step: dict[str, Any], run_id: str) -> BridgeEvent:
+    """``agent.step.cancelled`` for the last step of a cancelled run. Letta 0.16 checks for cancellation only when a
+    step starts, so the step that was running when the run was cancelled ends ``success`` (or ``failed``) and no
+    step is ever ``cancelled``: the event says which step the run stopped after (``step_id``), with ``run_id``,
+    ``stop_reason: "cancelled"`` and that step's own ``step_status``. Raises :class:`BadLettaData` without
+    ``id`` / ``agent_id``."""
+    step_id = nonempty_str(step.get("id"))
+    agent_id = nonempty_str(step.get("agent_id"))
+    if step_id is None or agent_id is None:
+        raise BadLettaData(f"steps of run {run_id}: a step without id or agent_id")
+    data = {"step_id": step_id, "run_id": run_id, "stop_reason": "cancelled", "step_status": step.get("status")}
+    return BridgeEvent("agent.step.cancelled", agent_id, nonempty_str(step.get("organization_id")), data,
+                       bridge_event_id("run-cancelled-step", step_id, "cancelled"))
+
+
 def job_event(
     job_id: str, status: str, completed_at: str | None, metadata: dict[str, Any] | None, *, agent_id: str | None,
     organization_id: str | None = None, job_type: str | None = None,
@@ -213,19 +236,3 @@ def job_event(
         data["metadata"] = kept
     return BridgeEvent("agent.job.completed", agent_id or NO_AGENT_ID, organization_id, data,
                        bridge_event_id("job", job_id, status))
-
-
-def stop_reason_of(metadata: dict[str, Any] | None) -> str | None:
-    """``metadata.result.stop_reason.stop_reason`` of a run callback (Letta puts the LettaResponse there)."""
-    result = (metadata or {}).get("result")
-    reason = result.get("stop_reason") if isinstance(result, dict) else None
-    if isinstance(reason, dict):
-        return nonempty_str(reason.get("stop_reason"))
-    return nonempty_str(reason)
-
-
-def usage_of_result(metadata: dict[str, Any] | None, run_id: str) -> dict[str, Any] | None:
-    """The run's usage from ``metadata.result.usage`` of a run callback, when Letta included the result."""
-    result = (metadata or {}).get("result")
-    counts = result.get("usage") if isinstance(result, dict) else None
-    return usage_from(counts, run_id=run_id, step_count=None)

@@ -10,6 +10,10 @@ Source: Letta's published API (letta-ai/letta-python ``letta_client``, generated
 * ``GET /v1/runs/{run_id}`` -> ``Run``: ``id``, ``agent_id``, ``status``, ``completed_at``, ``stop_reason``,
   ``metadata``.
 * ``GET /v1/runs/{run_id}/usage`` -> ``completion_tokens``, ``prompt_tokens``, ``total_tokens`` (+ details).
+* ``GET /v1/runs/{run_id}/steps`` -> ``[Step]``, oldest first (the run's ``organization_id`` is only there).
+* ``GET /v1/steps/{step_id}/messages`` -> ``[LettaMessage]`` (``message_type`` ``tool_call_message`` carries
+  ``tool_calls[]``); ``[]`` until Letta has saved the step's messages, a moment after its step webhook.
+* ``GET /v1/admin/users/`` -> ``[User]`` with ``organization_id`` (a job names only its ``user_id``).
 * ``GET /v1/jobs/{job_id}`` -> ``Job``: ``id``, ``status``, ``completed_at``, ``metadata``, ``job_type``,
   ``organization_id``.
 
@@ -39,13 +43,15 @@ class LettaError(Exception):
 
 
 class LettaNotFound(LettaError):
-    """Letta answered 404: no such step, run or job (for this token and user)."""
+    """Letta does not know the id: 404 (no such step, run or job for this token and user), or 400/422 (Letta 0.16
+    answers those for an id of the wrong kind or form, e.g. ``GET /v1/runs/<unknown>`` is 400)."""
 
 
 class LettaClient:
     """Async reads from one Letta server (``settings.letta_base_url``), one keep-alive pool.
 
-    Each method returns Letta's JSON object as a ``dict``. Raises :class:`LettaNotFound` for 404,
+    Each method returns Letta's JSON object as a ``dict`` (lists: a ``list``). Raises :class:`LettaNotFound` for
+    404, 400 and 422,
     :class:`LettaError` for any other non-2xx answer, a non-object body, a timeout (``letta_timeout_s`` seconds) or
     a connection error, and ``ValueError`` for an id that is not a Letta id (``LETTA_ID_RE``).
     """
@@ -72,11 +78,23 @@ class LettaClient:
         """``GET /v1/runs/{run_id}/usage``: ``completion_tokens``, ``prompt_tokens``, ``total_tokens``."""
         return await self._get("runs", run_id, "/usage")
 
+    async def get_run_steps(self, run_id: str) -> list[Any]:
+        """``GET /v1/runs/{run_id}/steps``: the run's ``Step`` list, oldest first."""
+        return await self._get("runs", run_id, "/steps", expect=list)
+
+    async def get_step_messages(self, step_id: str) -> list[Any]:
+        """``GET /v1/steps/{step_id}/messages``: the step's messages (``[]`` while Letta has not saved them)."""
+        return await self._get("steps", step_id, "/messages", expect=list)
+
     async def get_job(self, job_id: str) -> dict[str, Any]:
         """``GET /v1/jobs/{job_id}``: Letta's ``Job``."""
         return await self._get("jobs", job_id)
 
-    async def _get(self, collection: str, letta_id: str, suffix: str = "") -> dict[str, Any]:
+    async def get_users(self) -> list[Any]:
+        """``GET /v1/admin/users/``: Letta's users (``id``, ``organization_id``)."""
+        return await self._get("admin", "users", "/", expect=list)
+
+    async def _get(self, collection: str, letta_id: str, suffix: str = "", *, expect: type = dict) -> Any:
         if not isinstance(letta_id, str) or not LETTA_ID_RE.fullmatch(letta_id):
             raise ValueError(f"{letta_id!r} is not a Letta id (letters, digits, '-', '_'; e.g. 'step-<uuid>')")
         path = f"/v1/{collection}/{letta_id}{suffix}"
@@ -88,8 +106,9 @@ class LettaClient:
         except httpx.HTTPError as exc:
             raise LettaError(f"GET {self.base_url}{path}: {type(exc).__name__}: {exc} "
                              "(is LETTA_BUS_LETTA_BASE_URL the Letta server?)") from None
-        if response.status_code == 404:
-            raise LettaNotFound(f"GET {self.base_url}{path}: 404, Letta has no such {collection[:-1]}", 404)
+        if response.status_code in (400, 404, 422):
+            raise LettaNotFound(f"GET {self.base_url}{path}: {response.status_code}, Letta has no such "
+                                f"{collection[:-1]}", response.status_code)
         if response.status_code in (401, 403):
             raise LettaError(f"GET {self.base_url}{path}: {response.status_code}: check LETTA_BUS_LETTA_TOKEN "
                              "(and LETTA_BUS_LETTA_USER_ID)", response.status_code)
@@ -100,8 +119,9 @@ class LettaClient:
             body = response.json()
         except ValueError:
             body = None
-        if not isinstance(body, dict):
-            raise LettaError(f"GET {self.base_url}{path}: the answer is not a JSON object", response.status_code)
+        if not isinstance(body, expect):
+            raise LettaError(f"GET {self.base_url}{path}: the answer is not a JSON {expect.__name__}",
+                             response.status_code)
         return body
 
     async def close(self) -> None:

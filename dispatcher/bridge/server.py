@@ -1,21 +1,24 @@
 """``letta-bus bridge``: events for an unmodified Letta server, from the two notifications it already sends.
 
-Point Letta at it (see README, "Plugging into Letta"):
+Point Letta at it (docs/letta-integration.md):
 
 * ``STEP_COMPLETE_WEBHOOK=http://<bridge>:8290/letta/step-complete`` and ``STEP_COMPLETE_KEY=<LETTA_BUS_BRIDGE_KEY>``:
-  Letta POSTs ``{"step_id": ...}`` with ``Authorization: Bearer <key>``; the bridge reads the step
-  (``GET /v1/steps/{step_id}``) and publishes ``agent.step.completed`` / ``failed`` / ``cancelled``.
-* ``callback_url=http://<bridge>:8290/letta/callback?key=<LETTA_BUS_BRIDGE_KEY>`` on runs (async messages) and jobs
-  (batches): Letta POSTs ``{"run_id" | "job_id", "status", "completed_at", "metadata"}``; the bridge publishes
-  ``agent.run.completed`` / ``agent.job.completed``. Older servers send ``job_id`` for runs too (``run-...`` ids);
-  those count as runs.
+  Letta POSTs ``{"step_id": ...}`` with ``Authorization: Bearer <key>`` after each step, and awaits the answer
+  inside its agent loop;
+* ``callback_url=http://<bridge>:8290/letta/callback`` on runs (async messages) and batches: Letta POSTs
+  ``{"run_id" | "job_id", "status", "completed_at", "metadata"}`` once the run or job is finished. Older servers
+  send ``job_id`` for runs too (``run-...`` ids); those count as runs.
 
-Answers: 200 ``{"event_id", "event_type", "duplicate"}`` only after JetStream's PubAck; 401 without the key; 422
-naming the field for bad input (or an id Letta does not know, or an agent / organization id outside the id
-grammar of :mod:`bus.names`, which the bus cannot carry); 502 when the Letta REST read fails and 503 when
-NATS does not store the event, so a sender that retries (Letta itself tries each notification once) gets the event
-in. Event ids derive from the Letta ids (:func:`dispatcher.bridge.events.bridge_event_id`): a repeated
-notification within the stream's duplicate window (2 min) is acknowledged as ``duplicate`` and stored once.
+The bridge answers ``202 {"kind", "id", "duplicate"}`` as soon as the notification is stored in ``LETTA_BRIDGE``
+(one PubAck, well under a millisecond here; :mod:`dispatcher.bridge.notifications`), so Letta's step is not held
+up, and the enricher (:mod:`dispatcher.bridge.enricher`) reads Letta back and publishes the events. Only the id is
+kept from a body: the events carry what Letta's API shows for it, so a forged callback (the callback URL is
+visible to every Letta API user, with any key in it) publishes nothing that Letta does not confirm. A callback
+therefore needs no key; a ``?key=`` in it is ignored, with one warning that Letta shows it to its API users.
+
+Other answers: 401 on the step webhook without the key; 413 for a body over :data:`MAX_BODY_BYTES`; 422 naming the
+field for bad input; 503 when NATS does not store the notification (Letta tries each notification once, so the
+step is then missed: watch the bridge's log and ``/healthz``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import hmac
 import json
 import logging
 import socket
-from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -34,18 +36,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from nats.aio.client import Client
 
-from bus.catalog import EventValidationError
 from bus.connection import close_client, connect
-from bus.names import id_problem
 from bus.publisher import EventPublisher, PublishError
+from bus.streams import ensure_consumer, ensure_stream
 from config.settings import Settings
-from dispatcher.bridge import events as be
-from dispatcher.bridge.events import nonempty_str as text
-from dispatcher.bridge.letta_client import LETTA_ID_RE, LettaClient, LettaError, LettaNotFound
+from dispatcher.bridge import notifications as bn
+from dispatcher.bridge.enricher import Enricher
+from dispatcher.bridge.letta_client import LETTA_ID_RE, LettaClient
 
 log = logging.getLogger(__name__)
 
-#: Largest request body accepted (run callbacks carry the run's metadata, sometimes with its whole result).
+#: Largest request body accepted (run callbacks carry the run's metadata, with its whole result).
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
@@ -58,15 +59,6 @@ class BridgeError(Exception):
         self.headers = headers or {}
 
 
-@dataclass(frozen=True, slots=True)
-class Published:
-    """What was stored: the event id and type, and whether JetStream already had it (a repeated notification)."""
-
-    event_id: str
-    event_type: str
-    duplicate: bool
-
-
 def _letta_id(body: dict[str, Any], field: str) -> str:
     value = body.get(field)
     if not isinstance(value, str) or not LETTA_ID_RE.fullmatch(value):
@@ -75,129 +67,57 @@ def _letta_id(body: dict[str, Any], field: str) -> str:
 
 
 class Bridge:
-    """Turns Letta's notifications into published events. HTTP-free: :func:`create_app` serves it.
+    """Stores Letta's notifications. HTTP-free: :func:`create_app` serves it. ``settings``: ``bridge_key`` and the
+    ``bridge_*`` stream names; ``publisher``: its JetStream connection. Each handler returns the stored
+    :class:`~dispatcher.bridge.notifications.Stored` or raises :class:`BridgeError`."""
 
-    ``settings``: ``bridge_key``, ``letta_*``; ``publisher``: stores the events; ``letta``: reads Letta's REST API.
-    Each handler returns :class:`Published` or raises :class:`BridgeError`.
-    """
-
-    def __init__(self, settings: Settings, publisher: EventPublisher, letta: LettaClient) -> None:
+    def __init__(self, settings: Settings, publisher: EventPublisher) -> None:
         self.settings = settings
         self.publisher = publisher
-        self.letta = letta
+        self._warned_query_key = False
 
-    def check_key(self, authorization: str | None, query_key: str | None = None) -> None:
-        """Accept ``Authorization: Bearer <bridge_key>`` (or ``?key=<bridge_key>`` when given); raise
-        :class:`BridgeError` 401 otherwise. No ``bridge_key`` configured: everything passes (development)."""
+    def check_key(self, authorization: str | None) -> None:
+        """Accept ``Authorization: Bearer <bridge_key>``; raise :class:`BridgeError` 401 otherwise. No
+        ``bridge_key`` configured: everything passes (development)."""
         if self.settings.bridge_key is None:
             return
         expected = self.settings.bridge_key.get_secret_value().encode()
-        offered = []
-        if authorization and authorization[:7].lower() == "bearer ":
-            offered.append(authorization[7:].strip().encode())
-        if query_key is not None:
-            offered.append(query_key.encode())
-        if not any(hmac.compare_digest(o, expected) for o in offered):
-            raise BridgeError(401, "missing or wrong key: send Authorization: Bearer <STEP_COMPLETE_KEY> (callbacks: "
-                                   "?key=...), the value of LETTA_BUS_BRIDGE_KEY", {"WWW-Authenticate": "Bearer"})
+        offered = authorization[7:].strip().encode() if authorization and authorization[:7].lower() == "bearer " \
+            else b""
+        if not hmac.compare_digest(offered, expected):
+            raise BridgeError(401, "missing or wrong key: send Authorization: Bearer <STEP_COMPLETE_KEY>, the value "
+                                   "of LETTA_BUS_BRIDGE_KEY", {"WWW-Authenticate": "Bearer"})
 
-    async def step_complete(self, body: dict[str, Any]) -> Published:
-        """``{"step_id"}`` from Letta's step-complete webhook: read the step, publish its terminal event."""
-        step_id = _letta_id(body, "step_id")
-        step = await self._read("step_id", self.letta.get_step(step_id))
-        if step.get("id") != step_id:
-            raise BridgeError(502, f"Letta answered GET /v1/steps/{step_id} with step {step.get('id')!r}")
-        try:
-            event = be.step_event(step)
-        except be.StepNotTerminal as exc:
-            raise BridgeError(503, f"{exc}; try again shortly", {"Retry-After": "1"}) from None
-        except be.BadLettaData as exc:
-            raise BridgeError(422, str(exc)) from None
-        return await self._publish(event)
+    def note_query_key(self, present: bool) -> None:
+        """Warn once when callbacks carry ``?key=``: Letta shows a run's ``callback_url`` to every API user."""
+        if present and not self._warned_query_key:
+            self._warned_query_key = True
+            log.warning("bridge: a callback_url carries ?key=: Letta shows it to every API user (GET /v1/runs/{id}); "
+                        "callbacks need no key, remove it from callback_url")
 
-    async def callback(self, body: dict[str, Any]) -> Published:
-        """A run or job ``callback_url`` POST: ``{"run_id" | "job_id", "status", "completed_at", "metadata"}``."""
-        status = body.get("status")
-        if not isinstance(status, str) or not status:
-            raise BridgeError(422, f"status: expected Letta's run/job status such as 'completed', got {status!r}")
-        metadata = body.get("metadata")
-        if metadata is not None and not isinstance(metadata, dict):
-            raise BridgeError(422, f"metadata: expected a JSON object or null, got {type(metadata).__name__}")
-        try:
-            completed_at = be.rfc3339(body.get("completed_at"), "completed_at")
-        except be.BadLettaData as exc:
-            raise BridgeError(422, str(exc)) from None
+    async def step_complete(self, body: dict[str, Any]) -> bn.Stored:
+        """``{"step_id"}`` from Letta's step-complete webhook."""
+        return await self._store(bn.Notification("step", _letta_id(body, "step_id")))
+
+    async def callback(self, body: dict[str, Any]) -> bn.Stored:
+        """A run or job ``callback_url`` POST: only ``run_id`` / ``job_id`` is kept."""
         if "run_id" in body:
-            return await self._run(_letta_id(body, "run_id"), status, completed_at, metadata)
+            return await self._store(bn.Notification("run", _letta_id(body, "run_id")))
         if "job_id" in body:
             job_id = _letta_id(body, "job_id")
-            if job_id.startswith("run-"):  # servers where runs were jobs post job_id for runs
-                return await self._run(job_id, status, completed_at, metadata)
-            return await self._job(job_id, status, completed_at, metadata)
+            # servers where runs were jobs post job_id for runs
+            return await self._store(bn.Notification("run" if job_id.startswith("run-") else "job", job_id))
         raise BridgeError(422, "run_id or job_id: the body names neither; expected Letta's callback "
                                '{"run_id" | "job_id", "status", "completed_at", "metadata"}')
 
-    async def _run(self, run_id: str, status: str, completed_at: str | None, metadata: dict | None) -> Published:
-        agent_id = text((metadata or {}).get("agent_id"))
-        stop_reason = be.stop_reason_of(metadata)
-        if agent_id is None:
-            run = await self._read("run_id", self.letta.get_run(run_id))
-            run_meta = run.get("metadata") if isinstance(run.get("metadata"), dict) else {}
-            agent_id = text(run.get("agent_id")) or text(run_meta.get("agent_id"))
-            stop_reason = stop_reason or text(run.get("stop_reason"))
-            if agent_id is None:
-                raise BridgeError(422, f"agent_id: Letta run {run_id} names no agent (neither agent_id nor "
-                                       "metadata.agent_id)")
-        usage = be.usage_of_result(metadata, run_id)
-        if usage is None:
-            usage = await self._run_usage(run_id)
-        event = be.run_event(run_id, status, completed_at, metadata, agent_id=agent_id, usage=usage,
-                             stop_reason=stop_reason)
-        return await self._publish(event)
-
-    async def _run_usage(self, run_id: str) -> dict[str, Any] | None:
-        """Best effort: usage is optional in agent.run.completed, so a failed read leaves it out."""
+    async def _store(self, note: bn.Notification) -> bn.Stored:
+        msg_id = bn.msg_id(note)
         try:
-            counts = await self.letta.get_run_usage(run_id)
-        except LettaError as exc:
-            log.warning("run %s: usage not read (%s); publishing without it", run_id, exc)
-            return None
-        return be.usage_from(counts, run_id=run_id, step_count=None)
-
-    async def _job(self, job_id: str, status: str, completed_at: str | None, metadata: dict | None) -> Published:
-        job = await self._read("job_id", self.letta.get_job(job_id))
-        job_meta = job.get("metadata") if isinstance(job.get("metadata"), dict) else {}
-        agent_id = (text((metadata or {}).get("agent_id")) or text(job.get("agent_id"))
-                    or text(job_meta.get("agent_id")))
-        event = be.job_event(job_id, status, completed_at, metadata, agent_id=agent_id,
-                             organization_id=text(job.get("organization_id")), job_type=text(job.get("job_type")))
-        return await self._publish(event)
-
-    async def _read(self, field: str, request: Any) -> dict[str, Any]:
-        try:
-            return await request
-        except LettaNotFound as exc:
-            raise BridgeError(422, f"{field}: {exc}") from None
-        except LettaError as exc:
-            raise BridgeError(502, f"reading Letta failed, try again: {exc}") from None
-
-    async def _publish(self, event: be.BridgeEvent) -> Published:
-        for field, value in (("agent_id", event.agent_id), ("organization_id", event.organization_id)):
-            # from Letta (or the callback's metadata): refused here, with a 422, if the bus could not carry it
-            if value is not None and (problem := id_problem(field, value)) is not None:
-                raise BridgeError(422, f"{field}: {event.event_type} not published: {problem}")
-        try:
-            envelope = self.publisher.build(event.agent_id, event.event_type, event.data,
-                                            organization_id=event.organization_id, event_id=event.event_id)
-            ack = await self.publisher.publish_envelope(envelope)
-        except EventValidationError as exc:
-            raise BridgeError(422, str(exc)) from None
+            ack = await self.publisher.publish_raw(bn.subject(self.settings, note.kind), bn.encode(note),
+                                                   {"Nats-Msg-Id": msg_id}, msg_id)
         except PublishError as exc:
-            raise BridgeError(503, f"event not stored, try again: {exc}") from None
-        duplicate = bool(ack.duplicate)
-        log.info("bridge: %s %s for agent %s%s", event.event_type, event.event_id, event.agent_id,
-                 " (duplicate)" if duplicate else "")
-        return Published(event.event_id, event.event_type, duplicate)
+            raise BridgeError(503, f"notification not stored, try again: {exc}") from None
+        return bn.Stored(note, ack.seq, bool(ack.duplicate))
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -218,7 +138,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 
 def create_app(bridge: Bridge) -> FastAPI:
-    """The bridge's HTTP API: ``POST /letta/step-complete``, ``POST /letta/callback``, ``GET /healthz``."""
+    """The bridge's HTTP API: ``POST /letta/step-complete``, ``POST /letta/callback`` (202), ``GET /healthz``."""
     app = FastAPI(title="letta-bus bridge", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(BridgeError)
@@ -227,17 +147,19 @@ def create_app(bridge: Bridge) -> FastAPI:
             log.warning("bridge %s: %d %s", request.url.path, exc.status, exc)
         return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=exc.headers)
 
+    def accepted(stored: bn.Stored) -> JSONResponse:
+        return JSONResponse({"kind": stored.note.kind, "id": stored.note.id, "duplicate": stored.duplicate},
+                            status_code=202)
+
     @app.post("/letta/step-complete")
-    async def step_complete(request: Request) -> dict[str, Any]:
+    async def step_complete(request: Request) -> JSONResponse:
         bridge.check_key(request.headers.get("authorization"))
-        published = await bridge.step_complete(await _json_body(request))
-        return {"event_id": published.event_id, "event_type": published.event_type, "duplicate": published.duplicate}
+        return accepted(await bridge.step_complete(await _json_body(request)))
 
     @app.post("/letta/callback")
-    async def callback(request: Request) -> dict[str, Any]:
-        bridge.check_key(request.headers.get("authorization"), request.query_params.get("key"))
-        published = await bridge.callback(await _json_body(request))
-        return {"event_id": published.event_id, "event_type": published.event_type, "duplicate": published.duplicate}
+    async def callback(request: Request) -> JSONResponse:
+        bridge.note_query_key("key" in request.query_params)
+        return accepted(await bridge.callback(await _json_body(request)))
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -273,11 +195,13 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class BridgeServer:
-    """The bridge as a running service: its NATS connection (its own unless ``nc`` is given), a Letta REST client
-    and uvicorn on ``settings.bridge_host:bridge_port`` (port 0: a free one; see :attr:`url`).
+    """The bridge as a running service: its NATS connection (its own unless ``nc`` is given; NATS role
+    ``bridge``), the ``LETTA_BRIDGE`` stream and ``bridge-enricher`` durable (created or updated at start), uvicorn
+    on ``settings.bridge_host:bridge_port`` (port 0: a free one; see :attr:`url`) and the enricher.
 
     Raises ``ValueError`` at :meth:`start` in production without ``LETTA_BUS_BRIDGE_KEY``, ``ConnectionError``
-    when NATS does not answer within ``connect_timeout_s`` seconds and ``OSError`` when the port is taken.
+    when NATS does not answer within ``connect_timeout_s`` seconds, ``OSError`` when the port is taken and
+    ``nats.js.errors.APIError`` when the stream or durable cannot be created.
     """
 
     def __init__(self, settings: Settings, *, nc: Client | None = None) -> None:
@@ -287,6 +211,8 @@ class BridgeServer:
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self._letta: LettaClient | None = None
+        self._stop_enricher = asyncio.Event()
+        self._enricher: asyncio.Task[None] | None = None
         self.port: int | None = None
 
     @property
@@ -307,10 +233,16 @@ class BridgeServer:
         try:
             if self._nc is None:
                 self._nc = await connect(s.client_url, name="letta-bus-bridge", timeout_s=s.connect_timeout_s,
-                                         settings=s, role="publisher")
+                                         settings=s, role="bridge")
+            js = self._nc.jetstream()
+            await ensure_stream(js, bn.stream_config(s))
+            await ensure_consumer(js, s.bridge_stream, bn.consumer_config(s))
             publisher = EventPublisher(s.model_copy(update={"nats_url": s.client_url}), self._nc)
             self._letta = LettaClient(s)
-            app = create_app(Bridge(s, publisher, self._letta))
+            self._stop_enricher.clear()
+            self._enricher = asyncio.create_task(Enricher(s, publisher, self._letta).run(js, self._stop_enricher),
+                                                 name="letta-bus-bridge-enricher")
+            app = create_app(Bridge(s, publisher))
             config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False,
                                     timeout_graceful_shutdown=5)
             self._server = _Server(config)
@@ -333,7 +265,8 @@ class BridgeServer:
         return self
 
     async def stop(self) -> None:
-        """Finish in-flight requests (5 s at most), close the Letta client and, if it owns it, drain NATS."""
+        """Finish in-flight requests (5 s at most) and the notifications in hand (10 s at most; the rest stay
+        stored for the next start), close the Letta client and, if it owns it, drain NATS."""
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             try:
@@ -341,6 +274,13 @@ class BridgeServer:
             except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - stopping must not fail
                 log.warning("bridge HTTP server stop: %r", exc)
                 self._server.force_exit = True
+        if self._enricher is not None:
+            self._stop_enricher.set()
+            try:
+                await asyncio.wait_for(self._enricher, 15)
+            except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - stopping must not fail
+                log.warning("bridge enricher stop: %r", exc)
+            self._enricher = None
         if self._letta is not None:
             await self._letta.close()
             self._letta = None

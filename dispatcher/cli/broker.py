@@ -21,7 +21,7 @@ from dispatcher.cli.support import console, fail, settings_or_exit
 def credentials_summary(directory: Path) -> str:
     """One line telling which generated file each kind of client uses."""
     return (f"NATS credentials (mode 0600) in {directory}: Letta publisher.env, internal services subscriber.env, "
-            "operators and the nats CLI admin.env (dispatcher.env: letta-bus itself)")
+            "operators and the nats CLI admin.env (dispatcher.env: letta-bus itself, bridge.env: letta-bus bridge)")
 
 
 nats_auth_app = typer.Typer(invoke_without_command=True, add_completion=False,

@@ -177,6 +177,26 @@ async def test_subscriber_cannot_publish_events_delete_streams_or_take_the_fanou
     assert await stream_names(nc) == ["LETTA_ADVISORIES", "LETTA_EVENTS", "LETTA_PARKED", "LETTA_WEBHOOKS"]
 
 
+# --- bridge ---------------------------------------------------------------------------------------------------
+
+async def test_bridge_cannot_touch_other_streams_or_durables(settings, nc, provisioned, as_role, caplog):
+    """The bridge's own work (its stream, its durable, publishing events) is what tests/integration/test_bridge.py
+    runs on this role; here, what it may not do."""
+    caplog.set_level(logging.WARNING, logger="bus.connection")
+    bridge = await as_role("bridge")
+    js = bridge.jetstream(timeout=0.5)
+    await denied(caplog, js.delete_stream("LETTA_EVENTS"), "$JS.API.STREAM.DELETE.LETTA_EVENTS")
+    await denied(caplog, js.stream_info("LETTA_WEBHOOKS"), "$JS.API.STREAM.INFO.LETTA_WEBHOOKS")
+    await denied(caplog, js.publish("letta_webhooks.deliveries.ep_1", b"{}", timeout=0.5),
+                 "letta_webhooks.deliveries.ep_1")
+    await denied(caplog, js.add_consumer("LETTA_EVENTS", ConsumerConfig(durable_name="sneak")),
+                 "$JS.API.CONSUMER.DURABLE.CREATE.LETTA_EVENTS.sneak")
+    steal = await js.pull_subscribe_bind("webhook-fanout", "LETTA_EVENTS")
+    with pytest.raises(nats.errors.TimeoutError):
+        await steal.fetch(1, timeout=0.5)
+    await violation(caplog, "$JS.API.CONSUMER.MSG.NEXT.LETTA_EVENTS.webhook-fanout")
+
+
 # --- dispatcher -----------------------------------------------------------------------------------------------
 
 async def test_dispatcher_cannot_delete_streams_or_its_durables_or_publish_events(settings, nc, provisioned,

@@ -176,7 +176,7 @@ def test_nats_auth_writes_the_files_and_provision_uses_the_admin_role(nats_serve
     written = run("nats-auth", "--dir", str(out_dir), timeout=30)
     assert written.returncode == 0, written.stderr
     assert "accounts.conf" in written.stdout and sorted(p.name for p in out_dir.iterdir()) == [
-        "accounts.conf", "admin.env", "dispatcher.env", "publisher.env", "server.conf", "subscriber.env"]
+        "accounts.conf", "admin.env", "bridge.env", "dispatcher.env", "publisher.env", "server.conf", "subscriber.env"]
     env = {"LETTA_BUS_NATS_URL": nats_server.url, "LETTA_BUS_NATS_AUTH_DIR": str(nats_auth.directory)}
     provisioned = run("provision", env=env, timeout=30)
     assert provisioned.returncode == 0, provisioned.stderr

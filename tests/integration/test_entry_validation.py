@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
 from prometheus_client import REGISTRY
@@ -18,7 +19,8 @@ from prometheus_client import REGISTRY
 from bus.catalog import EventValidationError
 from bus.publisher import EventPublisher
 from tests.helpers import deliveries, wait_until
-from tests.integration.test_bridge import AUTH, KEY, bridge, bridge_settings, http, letta, stored  # noqa: F401
+from tests.integration.test_bridge import (AUTH, add_step, bridge, bridge_settings, http, letta,  # noqa: F401
+                                           settled, stored)
 from tests.integration.test_cli import run
 from tests.letta_standin import make_run, make_step
 
@@ -113,17 +115,24 @@ def test_cli_webhooks_set_checks_the_agent_id_and_stores_the_url_normalised(tmp_
     assert "agent-1: https://example.com/hook~ " in ok.stdout, ok.stdout
 
 
-async def test_bridge_refuses_ids_it_cannot_publish(http, letta, provisioned, settings):  # noqa: F811
-    step = make_step(agent_id="agent\nnewline")
-    org_step = make_step(organization_id="org-\u202e")
-    letta.steps.update({step["id"]: step, org_step["id"]: org_step})
-    for s, field in ((step, "agent_id"), (org_step, "organization_id")):
-        response = await http.post("/letta/step-complete", json={"step_id": s["id"]}, headers=AUTH)
-        assert response.status_code == 422, response.text
-        assert response.json()["detail"].startswith(f"{field}: agent.step.completed not published: {field} must be")
-    run_ = make_run()
+async def test_bridge_refuses_ids_it_cannot_publish(http, letta, provisioned, settings, caplog):  # noqa: F811
+    """Ids Letta answers with that the bus cannot carry: the notification is dropped and logged, nothing published."""
+    step = add_step(letta, make_step(agent_id="agent\nnewline"))
+    org_step = add_step(letta, make_step(organization_id="org-\u202e"))
+    run_ = make_run(agent_id="agént")
     letta.runs[run_["id"]] = run_
-    body = {"run_id": run_["id"], "status": "completed", "completed_at": None, "metadata": {"agent_id": "agént"}}
-    response = await http.post("/letta/callback", json=body, params={"key": KEY})
-    assert response.status_code == 422 and response.json()["detail"].startswith("agent_id: "), response.text
+    letta.usages[run_["id"]], letta.run_steps[run_["id"]] = {}, []
+    with caplog.at_level(logging.WARNING, logger="dispatcher.bridge.enricher"):
+        for s in (step, org_step):
+            response = await http.post("/letta/step-complete", json={"step_id": s["id"]}, headers=AUTH)
+            assert response.status_code == 202, response.text
+        response = await http.post("/letta/callback", json={"run_id": run_["id"], "status": "completed"})
+        assert response.status_code == 202, response.text
+        await settled(provisioned, settings)
+    dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    for letta_id, field, event_type in ((step["id"], "agent_id", "agent.step.completed"),
+                                        (org_step["id"], "organization_id", "agent.step.completed"),
+                                        (run_["id"], "agent_id", "agent.run.completed")):
+        assert any(letta_id in m and f"{field}: {event_type} not published: {field} must be" in m for m in dropped), \
+            dropped
     assert await stored(provisioned, settings) == []

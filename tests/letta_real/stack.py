@@ -198,7 +198,8 @@ class BusStack:
 
     def start(self) -> "BusStack":
         env = self._env(
-            LETTA_BUS_EMBEDDED_PORT=str(self.nats_port), LETTA_BUS_API_PORT=str(self.api_port),
+            LETTA_BUS_EMBEDDED_PORT=str(self.nats_port), LETTA_BUS_EMBEDDED_MONITOR_PORT="-1",
+            LETTA_BUS_API_PORT=str(self.api_port),
             LETTA_BUS_METRICS_PORT="0", LETTA_BUS_API_KEYS=json.dumps([API_KEY]),
             LETTA_BUS_SSRF_ALLOW_CIDRS=json.dumps(["127.0.0.0/8"]), LETTA_BUS_ENDPOINT_REFRESH_S="1",
         )

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from bus.catalog import validate_data
-from dispatcher.bridge.events import (BadLettaData, StepNotTerminal, bridge_event_id, job_event, rfc3339, run_event,
-                                      step_event, tool_calls_from)
-from tests.letta_standin import make_failed_step, make_step
+from dispatcher.bridge.events import (BadLettaData, StepNotTerminal, bridge_event_id, cancelled_step_event,
+                                      job_event, rfc3339, run_event, step_event, tool_calls_from)
+from tests.letta_standin import make_failed_step, make_messages, make_step
 
 
 def test_event_ids_are_deterministic_and_distinct():
@@ -34,11 +34,35 @@ def test_pending_unknown_and_agentless_steps():
         step_event(make_step(agent_id=None))
 
 
+def test_tool_calls_come_from_letta_s_tool_call_messages():
+    step = make_step()
+    event = step_event(step, make_messages(step, tool="roll_dice"))
+    assert event.data["tool_calls"] == [{"id": "call_000001", "type": "function",
+                                         "function": {"name": "roll_dice", "arguments": '{"query": "hello"}'}}]
+    assert step_event(step).data["tool_calls"] == []
+
+
 def test_tool_calls_skip_malformed_entries():
-    messages = [{"tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": {"a": 1}}},
-                                {"id": "c2", "function": {}}, "junk"]}, {"tool_calls": None}, "junk"]
-    assert tool_calls_from(messages) == [{"id": "c1", "type": "function",
-                                          "function": {"name": "f", "arguments": '{"a": 1}'}}]
+    messages = [
+        {"message_type": "tool_call_message", "tool_calls": [
+            {"tool_call_id": "c1", "name": "f", "arguments": {"a": 1}}, {"tool_call_id": "c2"}, "junk"]},
+        {"message_type": "tool_call_message", "tool_calls": None, "tool_call": {"tool_call_id": "c3", "name": "g"}},
+        {"message_type": "assistant_message", "tool_calls": [{"tool_call_id": "c4", "name": "h"}]}, "junk",
+    ]
+    assert tool_calls_from(messages) == [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}},
+        {"id": "c3", "type": "function", "function": {"name": "g", "arguments": ""}},
+    ]
+
+
+def test_a_cancelled_run_s_last_step_event_fits_the_catalog():
+    step = make_step()
+    event = cancelled_step_event(step, step["run_id"])
+    validate_data(event.event_type, event.data)
+    assert event.event_type == "agent.step.cancelled" and event.agent_id == step["agent_id"]
+    assert event.event_id != bridge_event_id("step", step["id"], "success")
+    with pytest.raises(BadLettaData):
+        cancelled_step_event(make_step(agent_id=None), "run-1")
 
 
 def test_completed_at_normalized_to_rfc3339_utc():

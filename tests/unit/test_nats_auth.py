@@ -30,7 +30,7 @@ def test_generated_files_are_owner_only_and_passwords_survive_a_restart(tmp_path
         assert _mode(path) == 0o600, path
     first = {role: load_credentials(path) for role, path in files.roles.items()}
     assert {c.user for c in first.values()} == {f"letta-bus-{r}" for r in ROLES}
-    assert len({c.password for c in first.values()}) == 4 and all(len(c.password) >= 40 for c in first.values())
+    assert len({c.password for c in first.values()}) == len(ROLES) and all(len(c.password) >= 40 for c in first.values())
     assert first["publisher"].inbox_prefix == "_INBOX.letta-bus-publisher"
 
     again = ensure_auth_files(SETTINGS, files.directory, PROJECT_ROOT / "nats.conf")
