@@ -184,9 +184,8 @@ def bridge(log_level: Annotated[str, typer.Option(help="debug, info, warning or 
         with stop_on_signals() as stop:
             async with BridgeServer(settings) as server:
                 console.print(f"[bold green]letta-bus bridge[/] on {server.url}: Letta's STEP_COMPLETE_WEBHOOK = "
-                              f"{server.url}/letta/step-complete, callback_url = {server.url}/letta/callback"
-                              f"{'?key=...' if settings.bridge_key else ''}; reading {settings.letta_base_url}, "
-                              f"publishing to {settings.client_url}")
+                              f"{server.url}/letta/step-complete, callback_url = {server.url}/letta/callback; "
+                              f"reading {settings.letta_base_url}, publishing to {settings.client_url}")
                 await stop.wait()
         console.print("stopped")
 
@@ -194,6 +193,21 @@ def bridge(log_level: Annotated[str, typer.Option(help="debug, info, warning or 
         asyncio.run(main())
     except (ValueError, ConnectionError, OSError) as exc:
         raise _fail(str(exc)) from None
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def instrument(
+    command: Annotated[Optional[list[str]], typer.Argument(help="the command to run, after --")] = None,
+) -> None:
+    """Run CMD with letta-bus loaded into its Python process: letta-bus instrument -- letta server ..."""
+    from bus.instrument.launcher import LaunchError, exec_instrumented
+
+    try:
+        exec_instrumented(command or [])
+    except LaunchError as exc:
+        raise _fail(str(exc), 2) from None
+    except OSError as exc:
+        raise _fail(f"could not run {command[0]!r}: {exc}") from None
 
 
 @app.command("legacy-step-webhook")

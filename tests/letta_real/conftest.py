@@ -17,13 +17,12 @@ Without the environment (no network to PyPI) the tier is skipped, except under `
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Iterator
 
 import pytest
 
 from tests.letta_real.fake_llm import FakeLLM
-from tests.letta_real.harness import LettaAPI, LettaEnv, LettaServer, PgCluster, free_port, letta_env as build
+from tests.letta_real.harness import LettaEnv, RunningLetta, free_port, letta_env as build, start_letta, stop_letta
 from tests.letta_real.stack import BRIDGE_KEY, BusStack, Receiver
 
 #: Letta 0.16.8's default organization (every request without a user header acts in it).
@@ -76,39 +75,12 @@ def bus(receiver: Receiver) -> Iterator[BusStack]:
         stack.stop()
 
 
-@dataclass
-class RunningLetta:
-    """A Letta server in use by the tier: ``server`` (its process), ``api`` (its REST API), ``pg``."""
-
-    server: LettaServer
-    api: LettaAPI
-    pg: PgCluster
-    bridge_url: str = ""
-
-
-def _start(letta_env: LettaEnv, fake_llm: FakeLLM, **kwargs) -> RunningLetta:
-    pg = PgCluster(letta_env).start()
-    server = LettaServer(letta_env, pg, fake_llm.url, **kwargs)
-    try:
-        server.start()
-    except BaseException:
-        pg.stop()
-        raise
-    return RunningLetta(server, LettaAPI(server.url), pg)
-
-
-def _stop(letta: RunningLetta) -> None:
-    letta.api.close()
-    letta.server.stop()
-    letta.pg.stop()
-
-
 @pytest.fixture(scope="session")
 def stock_letta(letta_env: LettaEnv, fake_llm: FakeLLM, bus: BusStack) -> Iterator[RunningLetta]:
     """Stock Letta + ``letta-bus bridge``: ``STEP_COMPLETE_WEBHOOK``/``STEP_COMPLETE_KEY`` point at the bridge,
     which reads this Letta back."""
     bridge_port, letta_port = free_port(), free_port()
-    letta = _start(letta_env, fake_llm, port=letta_port, env={
+    letta = start_letta(letta_env, fake_llm.url, port=letta_port, env={
         "STEP_COMPLETE_WEBHOOK": f"http://127.0.0.1:{bridge_port}/letta/step-complete",
         "STEP_COMPLETE_KEY": BRIDGE_KEY,
     })
@@ -117,4 +89,4 @@ def stock_letta(letta_env: LettaEnv, fake_llm: FakeLLM, bus: BusStack) -> Iterat
         letta.bridge_url = bus.bridge_url
         yield letta
     finally:
-        _stop(letta)
+        stop_letta(letta)

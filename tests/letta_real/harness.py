@@ -307,3 +307,63 @@ class LettaAPI:
 
     def close(self) -> None:
         self.http.close()
+
+
+@dataclass
+class RunningLetta:
+    """A Letta server in use by the tier: ``server`` (its process), ``api`` (its REST API), ``pg`` (its database);
+    ``bridge_url``: the ``letta-bus bridge`` its step webhook points at, if any."""
+
+    server: LettaServer
+    api: LettaAPI
+    pg: PgCluster
+    bridge_url: str = ""
+
+
+def start_letta(letta_env: LettaEnv, llm_url: str, env: dict[str, str] | None = None, *, instrument: bool = False,
+                port: int = 0) -> RunningLetta:
+    """A private PostgreSQL and ``letta server`` on ``port`` (0: a free one), behind ``letta-bus instrument --``
+    when ``instrument`` (else the stock server); ``env``: extra variables (``bus.client_env()``, Letta's
+    ``STEP_COMPLETE_WEBHOOK``...)."""
+    pg = PgCluster(letta_env).start()
+    prefix = [letta_env.bin("letta-bus"), "instrument", "--"] if instrument else None
+    server = LettaServer(letta_env, pg, llm_url, env=env, prefix=prefix, port=port)
+    try:
+        server.start()
+    except BaseException:
+        pg.stop()
+        raise
+    return RunningLetta(server, LettaAPI(server.url), pg)
+
+
+def stop_letta(letta: RunningLetta) -> None:
+    """Stop the server and its database (by PID)."""
+    letta.api.close()
+    letta.server.stop()
+    letta.pg.stop()
+
+
+def step_ids(response: httpx.Response) -> list[str]:
+    """The step ids of a LettaResponse, in order."""
+    ids: list[str] = []
+    for message in response.json()["messages"]:
+        if message.get("step_id") and message["step_id"] not in ids:
+            ids.append(message["step_id"])
+    return ids
+
+
+def token_counts(obj: dict[str, Any]) -> tuple[int, int, int]:
+    """(completion, prompt, total) tokens of a usage, step or run-usage object."""
+    return obj["completion_tokens"], obj["prompt_tokens"], obj["total_tokens"]
+
+
+def assert_step_completed(event: dict[str, Any], step: dict[str, Any], agent_id: str, organization_id: str) -> None:
+    """``event`` (a delivered ``agent.step.completed`` without tool calls) carries what Letta shows for ``step``."""
+    assert event["agent_id"] == agent_id == step["agent_id"]
+    assert event["organization_id"] == step["organization_id"] == organization_id
+    data = event["data"]
+    assert data["status"] == step["status"] == "success"
+    assert data["run_id"] == step["run_id"]
+    assert token_counts(data["usage"]) == token_counts(step)
+    assert data["tool_calls"] == []
+    assert data["stop_reason"] == step["stop_reason"]

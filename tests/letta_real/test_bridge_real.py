@@ -20,6 +20,7 @@ import pytest
 
 from dispatcher.bridge.events import rfc3339
 from tests.letta_real.conftest import LETTA_ORG
+from tests.letta_real.harness import assert_step_completed, step_ids, token_counts
 
 pytestmark = pytest.mark.letta_real
 
@@ -29,43 +30,23 @@ def agent(stock_letta):
     return stock_letta.api.create_agent(f"bridge-{uuid.uuid4().hex[:8]}")
 
 
-def _step_ids(response: httpx.Response) -> list[str]:
-    """The step ids of a LettaResponse, in order."""
-    ids: list[str] = []
-    for message in response.json()["messages"]:
-        if message.get("step_id") and message["step_id"] not in ids:
-            ids.append(message["step_id"])
-    return ids
-
-
-def _usage(obj: dict) -> tuple[int, int, int]:
-    return obj["completion_tokens"], obj["prompt_tokens"], obj["total_tokens"]
-
-
 def _callback(stock_letta) -> str:
     return f"{stock_letta.bridge_url}/letta/callback"
 
 
 def test_one_step_message_gives_its_step_event_with_letta_s_data(stock_letta, bus, receiver, agent):
     response = stock_letta.api.send(agent["id"], "hello from the tier")
-    (step_id,) = _step_ids(response)
+    (step_id,) = step_ids(response)
     step = stock_letta.api.get(f"/v1/steps/{step_id}")
     secret = bus.endpoints["global"]["secret"]
     event = receiver.wait_event("/global", "agent.step.completed", secret, step_id=step_id)
-    assert event["agent_id"] == agent["id"] == step["agent_id"]
-    assert event["organization_id"] == step["organization_id"] == LETTA_ORG
-    data = event["data"]
-    assert data["status"] == step["status"] == "success"
-    assert data["run_id"] == step["run_id"]
-    assert _usage(data["usage"]) == _usage(step)
-    assert data["tool_calls"] == []
-    assert data["stop_reason"] == step["stop_reason"]
+    assert_step_completed(event, step, agent["id"], LETTA_ORG)
     receiver.wait_event("/org", "agent.step.completed", bus.endpoints["org"]["secret"], step_id=step_id)
 
 
 def test_a_tool_call_gives_two_step_events_the_first_with_letta_s_tool_call(stock_letta, bus, receiver, agent):
     response = stock_letta.api.send(agent["id"], '[[tool:conversation_search {"query": "hello"}]]')
-    first, second = _step_ids(response)
+    first, second = step_ids(response)
     secret = bus.endpoints["global"]["secret"]
     event = receiver.wait_event("/global", "agent.step.completed", secret, step_id=first)
     letta_calls = [call for m in stock_letta.api.get(f"/v1/steps/{first}/messages")
@@ -104,7 +85,7 @@ def test_an_async_run_gives_run_completed_with_the_stored_time_org_and_usage(sto
     assert event["agent_id"] == agent["id"]
     assert event["data"]["status"] == stored["status"] == "completed"
     assert event["data"]["completed_at"] == rfc3339(stored["completed_at"], "completed_at")
-    assert _usage(event["data"]["usage"]) == _usage(usage)
+    assert token_counts(event["data"]["usage"]) == token_counts(usage)
     assert event["data"]["stop_reason"] == stored["stop_reason"]
     # the callback URL Letta shows every API user carries no key
     assert "key=" not in stored["callback_url"]
@@ -124,7 +105,7 @@ def test_a_cancelled_run_gives_step_cancelled_and_its_real_usage(stock_letta, bu
     assert event["data"]["status"] == "cancelled"
     usage = stock_letta.api.get(f"/v1/runs/{run['id']}/usage")
     assert usage["total_tokens"] > 0  # the callback itself says 0/0/0
-    assert _usage(event["data"]["usage"]) == _usage(usage)
+    assert token_counts(event["data"]["usage"]) == token_counts(usage)
     steps = stock_letta.api.get(f"/v1/runs/{run['id']}/steps")
     step_cancelled = receiver.wait_event("/global", "agent.step.cancelled", secret, run_id=run["id"])
     assert step_cancelled["data"]["step_id"] == steps[-1]["id"]
@@ -148,11 +129,13 @@ def test_a_forged_callback_publishes_nothing(stock_letta, bus, receiver, agent):
 def test_a_batch_gives_job_completed_with_letta_s_status(stock_letta, bus, receiver, agent):
     # Letta 0.16.8 runs batches only with providers that have a batch API (Anthropic); with an OpenAI-compatible
     # model the batch fails at creation (HTTP 500), is marked failed, and its callback is still sent.
+    earlier = len(receiver.deliveries)  # the session's receiver hears other servers too
     stock_letta.api.post("/v1/messages/batches", {
         "requests": [{"agent_id": agent["id"], "messages": [{"role": "user", "content": "batch hello"}]}],
         "callback_url": _callback(stock_letta)}, 500)
     secret = bus.endpoints["global"]["secret"]
-    event = receiver.wait_for(lambda: receiver.matching("/global", "agent.job.completed"), 30,
+    event = receiver.wait_for(lambda: [d for d in receiver.deliveries[earlier:] if d.path == "/global"
+                                       and d.json.get("event_type") == "agent.job.completed"], 30,
                               "agent.job.completed")[0].json
     job = stock_letta.api.get(f"/v1/messages/batches/{event['data']['job_id']}")
     assert event["data"]["status"] == job["status"] == "failed"
