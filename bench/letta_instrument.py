@@ -14,8 +14,9 @@ agent.run.completed). ``overhead_ms`` = instrumented median - stock median; ``pe
 events per call. The two servers are separate processes, so differences under about a millisecond are noise.
 
 Modes are functions (:data:`MODES`: name -> ``start_<mode>(ctx) -> Target``): ``stock``, ``instrumented`` and
-``bridge`` (the stock server with ``STEP_COMPLETE_WEBHOOK`` pointing at ``letta-bus bridge``, which Letta awaits
-inside its agent loop; 1 event per call: the bridge publishes the step, a sync message sends no run callback).
+``null_webhook`` (the stock server with ``STEP_COMPLETE_WEBHOOK`` pointing at a receiver that answers at once)
+and ``bridge`` (pointing at ``letta-bus bridge``, which Letta awaits inside its agent loop; 1 event per call: the
+bridge publishes the step, a sync message sends no run callback).
 A last line measures our part in process (:func:`emit_cost_us`): the per-event CPU cost that the end-to-end
 medians cannot resolve.
 
@@ -123,9 +124,17 @@ def start_bridge(ctx: Context) -> Target:
     return _target("bridge", letta, 1)
 
 
+def start_null_webhook(ctx: Context) -> Target:
+    """The unmodified server whose step webhook is the bench's receiver, answering 204 at once: what any step
+    webhook costs Letta, the floor of the bridge mode."""
+    return _target("null_webhook", start_letta(ctx.env, ctx.llm.url, {
+        "STEP_COMPLETE_WEBHOOK": f"{ctx.receiver.url}/null"}), 0)
+
+
 MODES: dict[str, Callable[[Context], Target]] = {
     "stock": start_stock,
     "instrumented": start_instrumented_mode,
+    "null_webhook": start_null_webhook,
     "bridge": start_bridge,
 }
 
@@ -274,6 +283,9 @@ def main() -> None:
               f"answering at once p50 {answer['floor_p50']:.2f} ms; the bridge adds {answer['added_p50']:.2f} ms; "
               f"on a keep-alive connection the bridge answers in p50 {answer['keepalive_p50']:.2f} ms, "
               f"p99 {answer['keepalive_p99']:.2f} ms")
+        if "null_webhook" in results:
+            print(f"bridge over a step webhook answering at once: "
+                  f"{bridge.median - results['null_webhook'].median:.2f} ms per call (medians)")
         bridged = (f" bridge_ms={bridge.median:.1f} bridge_overhead_ms={bridge.median - stock.median:.2f}"
                    f" bridge_answer_p50_ms={answer['p50']:.2f} bridge_answer_p99_ms={answer['p99']:.2f}"
                    f" bridge_added_p50_ms={answer['added_p50']:.2f}"

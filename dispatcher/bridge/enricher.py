@@ -116,17 +116,22 @@ class Enricher:
                 raise _NotReady(f"step {step_id}: Letta has not saved its messages yet")
         return [be.step_event(step, messages)]
 
+    @staticmethod
+    def _finished(kind: str, letta_id: str, obj: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """(status, metadata) of a run or job Letta shows as finished; raises otherwise."""
+        if obj.get("id") != letta_id:
+            raise _Unconfirmed(f"Letta answered GET /v1/{kind}s/{letta_id} with {kind} {obj.get('id')!r}")
+        status = obj.get("status")
+        if status not in TERMINAL:
+            raise _NotReady(f"{kind} {letta_id} is {status!r}, not finished")
+        return status, obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+
     async def _run(self, run_id: str, settled: bool) -> list[be.BridgeEvent]:
         run = await self.letta.get_run(run_id)
-        if run.get("id") != run_id:
-            raise _Unconfirmed(f"Letta answered GET /v1/runs/{run_id} with run {run.get('id')!r}")
-        status = run.get("status")
-        if status not in TERMINAL:
-            raise _NotReady(f"run {run_id} is {status!r}, not finished")
+        status, metadata = self._finished("run", run_id, run)
         steps = await self.letta.get_run_steps(run_id)
         if any(isinstance(s, dict) and s.get("status") == "pending" for s in steps):
             raise _NotReady(f"run {run_id} has a pending step")  # its usage is not final yet
-        metadata = run.get("metadata") if isinstance(run.get("metadata"), dict) else {}
         agent_id = be.nonempty_str(run.get("agent_id")) or be.nonempty_str(metadata.get("agent_id"))
         if agent_id is None:
             raise be.BadLettaData(f"agent_id: Letta run {run_id} names no agent")
@@ -142,12 +147,7 @@ class Enricher:
 
     async def _job(self, job_id: str, settled: bool) -> list[be.BridgeEvent]:
         job = await self.letta.get_job(job_id)
-        if job.get("id") != job_id:
-            raise _Unconfirmed(f"Letta answered GET /v1/jobs/{job_id} with job {job.get('id')!r}")
-        status = job.get("status")
-        if status not in TERMINAL:
-            raise _NotReady(f"job {job_id} is {status!r}, not finished")
-        metadata = job.get("metadata") if isinstance(job.get("metadata"), dict) else {}
+        status, metadata = self._finished("job", job_id, job)
         agent_id = be.nonempty_str(job.get("agent_id")) or be.nonempty_str(metadata.get("agent_id"))
         organization_id = be.nonempty_str(job.get("organization_id")) or await self._user_org(job.get("user_id"))
         job_type = be.nonempty_str(job.get("job_type")) or be.nonempty_str(metadata.get("job_type"))

@@ -74,6 +74,8 @@ class Bridge:
     def __init__(self, settings: Settings, publisher: EventPublisher) -> None:
         self.settings = settings
         self.publisher = publisher
+        #: the enricher's task (set by :class:`BridgeServer`); ``/healthz`` is 503 once it stopped
+        self.enricher: asyncio.Task[None] | None = None
         self._warned_query_key = False
 
     def check_key(self, authorization: str | None) -> None:
@@ -164,10 +166,18 @@ def create_app(bridge: Bridge) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
         up = bridge.publisher.connected
-        return JSONResponse({"status": "ok" if up else "degraded", "nats": "connected" if up else "disconnected"},
-                            status_code=200 if up else 503)
+        enriching = bridge.enricher is None or not bridge.enricher.done()
+        ok = up and enriching
+        return JSONResponse({"status": "ok" if ok else "degraded", "nats": "connected" if up else "disconnected",
+                             "enricher": "running" if enriching else "stopped"}, status_code=200 if ok else 503)
 
     return app
+
+
+def _report_stop(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("bridge enricher stopped: %r; notifications are stored but not published until a restart",
+                  task.exception())
 
 
 class _Server(uvicorn.Server):
@@ -242,7 +252,10 @@ class BridgeServer:
             self._stop_enricher.clear()
             self._enricher = asyncio.create_task(Enricher(s, publisher, self._letta).run(js, self._stop_enricher),
                                                  name="letta-bus-bridge-enricher")
-            app = create_app(Bridge(s, publisher))
+            self._enricher.add_done_callback(_report_stop)
+            bridge = Bridge(s, publisher)
+            bridge.enricher = self._enricher
+            app = create_app(bridge)
             config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False,
                                     timeout_graceful_shutdown=5)
             self._server = _Server(config)
