@@ -53,7 +53,7 @@ from dispatcher.delivery.endpoints import EndpointCache
 from dispatcher.delivery.fetching import fetch
 from dispatcher.delivery.gates import EndpointGate
 from dispatcher.delivery.scheduling import (
-    H_BUSY, H_PRIOR_ATTEMPTS, H_RATE_SLOT, H_SCHEDULE, H_SCHEDULE_TARGET, task_ref,
+    H_BUSY, H_PRIOR_ATTEMPTS, H_RATE_SLOT, SCHEDULE_HEADERS, task_ref,
 )
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class ParkingLot:
         if self._stopping:
             return False
         headers = {k: v for k, v in (msg.headers or {}).items()
-                   if k not in (H_BUSY, H_RATE_SLOT, H_SCHEDULE, H_SCHEDULE_TARGET)}
+                   if k not in SCHEDULE_HEADERS and k not in (H_BUSY, H_RATE_SLOT)}
         headers[H_MSG_ID] = f"park:{task_ref(msg, self.settings)}"  # a redelivered task parks once
         headers[H_PRIOR_ATTEMPTS] = str(max(used, 0))
         try:

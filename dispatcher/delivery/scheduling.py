@@ -27,6 +27,10 @@ H_PRIOR_ATTEMPTS = "Letta-Prior-Attempts"
 H_ROUND_START = "Letta-Round-Start"  # attempts made before a manual resend: a resend gets a full set again
 H_SCHEDULE = "Nats-Schedule"
 H_SCHEDULE_TARGET = "Nats-Schedule-Target"
+#: Schedule headers of a task: ours, and those nats-server sets on the copy a schedule fires (``Nats-Scheduler``,
+#: ``Nats-Schedule-Next``). A copy re-published with the latter is refused (400 "message schedules invalid
+#: scheduler"), so every re-publish of a task drops them all.
+SCHEDULE_HEADERS = frozenset({H_SCHEDULE, H_SCHEDULE_TARGET, "Nats-Scheduler", "Nats-Schedule-Next"})
 H_LAST_ERROR = "Letta-Last-Error"
 H_ATTEMPTS = "Letta-Attempts"
 H_FAILED_AT = "Letta-Failed-At"
@@ -97,7 +101,7 @@ class Rescheduler:
     async def _republish(self, msg: Msg, endpoint_id: str, delay_s: float, used: int) -> None:
         at = datetime.now(timezone.utc) + timedelta(seconds=max(delay_s, 1.0) + 1.0)  # @at has whole seconds
         seq = task_ref(msg, self.settings)
-        headers = dict(msg.headers or {})
+        headers = {k: v for k, v in (msg.headers or {}).items() if k not in SCHEDULE_HEADERS}
         headers[H_MSG_ID] = f"schedule:{seq}"  # a repeated re-publish of the same task is dropped as a duplicate
         headers[H_PRIOR_ATTEMPTS] = str(max(used, 0))
         headers[H_SCHEDULE] = "@at " + at.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -109,7 +113,7 @@ class Rescheduler:
 
     async def dead_letter(self, msg: Msg, endpoint_id: str, attempts: int, error: str | None) -> None:
         """Copy the task to ``letta_webhooks.dead.<endpoint_id>`` with the last error, then ack it."""
-        headers = {k: v for k, v in (msg.headers or {}).items() if k not in (H_SCHEDULE, H_SCHEDULE_TARGET)}
+        headers = {k: v for k, v in (msg.headers or {}).items() if k not in SCHEDULE_HEADERS}
         headers[H_MSG_ID] = f"dead:{task_ref(msg, self.settings)}"
         headers[H_ATTEMPTS] = str(attempts)
         headers[H_LAST_ERROR] = (error or "unknown")[:1000].replace("\r", " ").replace("\n", " ")
