@@ -184,6 +184,9 @@ class Settings(BaseSettings):
         "one is generated into api_key_file (mode 0600) and `letta-bus up` prints where.",
     )
     api_key_file: Path = Field(Path("./var/api.key"), description="Development API key file (mode 0600).")
+    console_url: str | None = Field(
+        None, description="Public address of the console in portal links (e.g. https://hooks.example.com/console/); "
+        "unset: the API's address as the request that created the link reached it.")
     api_url: str | None = Field(
         None, description="Where the CLI finds the API; unset: http://<api_host>:<api_port>.",
     )

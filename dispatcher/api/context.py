@@ -20,13 +20,19 @@ if TYPE_CHECKING:
 
 @dataclass
 class ApiContext:
-    """Shared by every request. ``api_keys`` are the plaintext bearer keys accepted (see :mod:`.auth`)."""
+    """Shared by every request. ``api_keys`` are the operator's bootstrap keys (plaintext; see :mod:`.auth`)."""
 
     settings: Settings
     store: Store
     nc: Client
     api_keys: list[str] = field(default_factory=list)
     dispatcher: "Dispatcher | None" = None
+    #: HMAC key of portal session tokens (:mod:`dispatcher.api.portal`); derived from the store's secret key.
+    portal_key: bytes = b""
+
+    def __post_init__(self) -> None:
+        if not self.portal_key:
+            self.portal_key = self.store.secret_box.derive_key("portal-session")
 
     @property
     def js(self) -> JetStreamContext:

@@ -8,7 +8,7 @@ import asyncio
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
-from dispatcher.api.auth import require_api_key
+from dispatcher.api.auth import Principal, get_principal
 from dispatcher.api.context import ApiContext, get_ctx
 from dispatcher.api.schemas import HealthOut, StatusOut
 from dispatcher.ops.status import ENDPOINT_LIMIT, MAX_ENDPOINT_LIMIT, endpoint_report, stream_report
@@ -46,15 +46,16 @@ async def healthz(ctx: ApiContext = Depends(get_ctx)) -> JSONResponse:
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if ok else 503)
 
 
-@router.get("/v1/status", response_model=StatusOut, dependencies=[Depends(require_api_key)])
+@router.get("/v1/status", response_model=StatusOut, responses={403: {}})
 async def status(
     limit: int = Query(ENDPOINT_LIMIT, ge=1, le=MAX_ENDPOINT_LIMIT, description="most endpoints listed"),
-    ctx: ApiContext = Depends(get_ctx),
+    ctx: ApiContext = Depends(get_ctx), principal: Principal = Depends(get_principal),
 ) -> StatusOut:
     """Streams and consumers as ``nats stream info`` / ``nats consumer info`` report them, fleet totals, and at
     most ``limit`` endpoints, those needing attention first (backlog, failures in the last 24 h, disabled,
     failing, circuit not closed), each with its backlog, failures and circuit state (as this process's dispatcher
-    sees it); :func:`dispatcher.ops.status.endpoint_report`."""
+    sees it); :func:`dispatcher.ops.status.endpoint_report`. Operator only (403 otherwise)."""
+    principal.need_operator()
     report = await stream_report(ctx.nc, ctx.settings)
     circuits = None
     if ctx.dispatcher is not None and ctx.dispatcher.sender is not None:

@@ -40,7 +40,9 @@ class WebhookIn(BaseModel):
     """``PUT /v1/agents/{agent_id}/webhook``: the Letta webhook shape. ``secret``: at least 16 characters; omit
     it to keep the current one (or get a generated ``whsec_`` secret for a new webhook). ``events``:
     ``webhook_events`` patterns (NATS wildcards), empty = every event. ``allow_unknown_events``: accept patterns
-    that match no event type of the catalog (for event types Letta will add)."""
+    that match no event type of the catalog (for event types Letta will add). ``organization_id``: the agent's
+    organization (then only that organization's events of the agent are delivered); an organization's or agent's
+    credential sets its own, the operator may give one."""
 
     model_config = _strict
     url: str = Field(max_length=2048, examples=["https://example.com/hooks/letta"])
@@ -48,6 +50,7 @@ class WebhookIn(BaseModel):
     events: list[str] = Field(default_factory=list, max_length=100, examples=[["agent.step.*", "agent.run.completed"]])
     enabled: bool = True
     allow_unknown_events: bool = False
+    organization_id: OptionalOrganizationId = None
 
 
 class EndpointIn(WebhookIn):
@@ -252,3 +255,116 @@ class StatusOut(BaseModel):
     endpoints: list[dict[str, Any]]
     endpoint_totals: dict[str, int]
     endpoints_truncated: bool
+
+
+class ResendIn(BaseModel):
+    """``POST /v1/webhooks/{id}/dead-letters/resend``: at most ``limit`` dead letters, oldest first."""
+
+    model_config = _strict
+    limit: int = Field(1000, ge=1, le=10000)
+
+
+class ResendOut(BaseModel):
+    sent: int
+
+
+class DeadLetterOut(BaseModel):
+    """A dead letter: the delivery task whose last attempt failed (``failed_at`` as the header holds it)."""
+
+    seq: int
+    delivery_id: str
+    event_id: str
+    event_type: str
+    agent_id: str
+    attempts: int
+    last_error: str
+    failed_at: str
+
+    @classmethod
+    def of(cls, letter: Any) -> "DeadLetterOut":  # dispatcher.ops.dead_letters.DeadLetter
+        t = letter.task
+        return cls(seq=letter.seq, delivery_id=t.delivery_id, event_id=t.event_id, event_type=t.event_type,
+                   agent_id=t.agent_id, attempts=letter.attempts, last_error=letter.last_error,
+                   failed_at=letter.failed_at)
+
+
+class DeadLetterList(BaseModel):
+    data: list[DeadLetterOut]
+
+
+AccessScope = Literal["operator", "organization", "agent"]
+AccessRole = Literal["admin", "read"]
+
+
+class GrantIn(BaseModel):
+    """The scope and role of a new key or portal session: ``operator`` (only an operator may give it),
+    ``organization`` (``organization_id``) or ``agent`` (``agent_id``, with ``organization_id`` the agent's
+    organization; an organization's credential fills in its own). A grant never exceeds the caller's own."""
+
+    model_config = _strict
+    scope: AccessScope
+    role: AccessRole = "read"
+    organization_id: OptionalOrganizationId = None
+    agent_id: OptionalAgentId = None
+
+
+class ApiKeyIn(GrantIn):
+    """``POST /v1/api-keys``. ``name``: a label for listings (who holds the key)."""
+
+    name: str = Field("", max_length=200)
+
+
+class ApiKeyOut(BaseModel):
+    """A key as stored: never the key itself, except in ``key`` of the response that created it (shown once)."""
+
+    id: str
+    name: str
+    prefix: str
+    scope: AccessScope
+    role: AccessRole
+    organization_id: str | None
+    agent_id: str | None
+    created_by: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+    key: str | None = None
+
+    @classmethod
+    def of(cls, row: Any, key: str | None = None) -> "ApiKeyOut":  # dispatcher.store.models.ApiKey
+        return cls(id=row.id, name=row.name, prefix=row.prefix, scope=row.scope, role=row.role,
+                   organization_id=row.organization_id, agent_id=row.agent_id, created_by=row.created_by,
+                   created_at=aware(row.created_at), revoked_at=aware(row.revoked_at), key=key)
+
+
+class ApiKeyList(BaseModel):
+    data: list[ApiKeyOut]
+
+
+class PortalSessionIn(GrantIn):
+    """``POST /v1/portal-sessions``: a console link for ``ttl`` seconds (default 3600, at most 7 days)."""
+
+    role: AccessRole = "admin"
+    ttl: int = Field(3600, ge=1, le=7 * 86400, description="seconds the link stays valid")
+
+
+class PortalSessionOut(BaseModel):
+    """A portal session. ``url`` opens the console in its scope (the token after ``#`` never reaches a server
+    log); ``token`` is the same credential, usable as a bearer token. Both only in the creating response."""
+
+    id: str
+    scope: AccessScope
+    role: AccessRole
+    organization_id: str | None
+    agent_id: str | None
+    created_by: str | None
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None
+    url: str | None = None
+    token: str | None = None
+
+    @classmethod
+    def of(cls, row: Any, url: str | None = None, token: str | None = None) -> "PortalSessionOut":
+        return cls(id=row.id, scope=row.scope, role=row.role, organization_id=row.organization_id,
+                   agent_id=row.agent_id, created_by=row.created_by, created_at=aware(row.created_at),
+                   expires_at=aware(row.expires_at), revoked_at=aware(row.revoked_at), url=url, token=token)

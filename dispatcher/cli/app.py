@@ -12,11 +12,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from dispatcher.cli import broker, history, status, support, webhooks
+from dispatcher.cli import access, broker, history, status, support, webhooks
 
 app = typer.Typer(help="letta-bus: Letta agent events on NATS JetStream, delivered as signed webhooks.",
                   no_args_is_help=True, add_completion=False)
 app.add_typer(webhooks.app, name="webhooks")
+app.add_typer(access.keys_app, name="keys")
+app.add_typer(access.portal_app, name="portal")
 app.add_typer(history.deliveries_app, name="deliveries")
 app.command("replay")(history.replay)
 app.command("status")(status.status)

@@ -386,8 +386,13 @@ class EndpointCache:
         return len(self._by_id)
 
     def match(self, head: EnvelopeHead) -> list[EndpointView]:
-        """Enabled endpoints that want this event: its agent's, its organization's and the global ones."""
+        """Enabled endpoints that want this event: its agent's, its organization's and the global ones. An agent
+        endpoint that names an organization takes only the agent's events of that organization, so an endpoint
+        registered for another tenant's agent id gets none of them (:mod:`dispatcher.api.scoping`)."""
         candidates = self._by_agent.get(head.agent_id, ())
+        if candidates:
+            candidates = tuple(e for e in candidates
+                               if e.organization_id is None or e.organization_id == head.organization_id)
         if head.organization_id:
             candidates = candidates + self._by_org.get(head.organization_id, ())
         if self._global:

@@ -85,10 +85,10 @@ class BulkRetry:
     remaining: int = 0
 
 
-async def retry_failed(js: JetStreamContext, settings: Settings, store: Store, *, agent_id: str, since: datetime,
-                       endpoint_ids: list[str] | None = None, limit: int = 1000) -> BulkRetry:
-    """Retry every failed delivery of ``agent_id``'s events created since ``since`` (to ``endpoint_ids`` only,
-    when given), oldest first, at most ``limit`` per call. Refusals are collected, not raised."""
+async def retry_failed(js: JetStreamContext, settings: Settings, store: Store, *, agent_id: str | None,
+                       since: datetime, endpoint_ids: list[str] | None = None, limit: int = 1000) -> BulkRetry:
+    """Retry every failed delivery of ``agent_id``'s events (None: any agent's) created since ``since`` (to
+    ``endpoint_ids`` only, when given), oldest first, at most ``limit`` per call. Refusals are collected, not raised."""
     rows = await failed_deliveries(store, agent_id=agent_id, since=since, endpoint_ids=endpoint_ids,
                                    limit=limit + 1)
     result = BulkRetry(remaining=max(0, len(rows) - limit))

@@ -68,7 +68,8 @@ async def replay(
     until: datetime | None = None, events: list[str] | None = None, replay_id: str | None = None,
     start_seq: int | None = None, end_seq: int | None = None, limit: int | None = None,
 ) -> ReplayPage:
-    """Queue one delivery task per event of the endpoint's agent published in [``since``, ``until``) whose type
+    """Queue one delivery task per event for the endpoint (its agent's, its organization's, or every event for a
+    global one; :func:`_wanted`) published in [``since``, ``until``) whose type
     matches ``events`` (default: the endpoint's own ``webhook_events``). ``start_seq`` / ``end_seq`` /
     ``replay_id`` continue an earlier page; ``limit`` bounds the events scanned by this call.
 
@@ -101,7 +102,7 @@ async def replay(
                 finished = True
                 break
             page.scanned += 1
-            head = _wanted(m.headers, m.data, endpoint.agent_id, patterns)
+            head = _wanted(m.headers, m.data, endpoint, patterns)
             if head is not None:
                 batch.append((head, m.data, m.seq))
             if m.seq >= end_seq:
@@ -118,16 +119,24 @@ async def replay(
         next_seq, start_time = msgs[-1].seq + 1, None
 
 
-def _wanted(headers: dict | None, body: bytes, agent_id: str | None, patterns: list[str]) -> EnvelopeHead | None:
-    """The event's head when it is ``agent_id``'s and its type matches ``patterns``; None otherwise (undecodable
-    events included: the fan-out terminated those too). The agent header spares decoding other agents' events."""
-    if (headers or {}).get(H_AGENT_ID, agent_id) != agent_id:
+def _wanted(headers: dict | None, body: bytes, endpoint: Endpoint, patterns: list[str]) -> EnvelopeHead | None:
+    """The event's head when the fan-out would give it to ``endpoint`` (:meth:`EndpointIndex.match`: its agent's
+    events, of its organization when it names one; an organization endpoint its organization's; a global one
+    every event) and its type matches ``patterns``; None otherwise (undecodable events included: the fan-out
+    terminated those too). The agent header spares decoding other agents' events."""
+    agent_id = endpoint.agent_id if endpoint.scope == "agent" else None
+    if agent_id is not None and (headers or {}).get(H_AGENT_ID, agent_id) != agent_id:
         return None
     try:
         head = decode_head(body)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
-    return head if head.agent_id == agent_id and wants(patterns, head.event_type) else None
+    if agent_id is not None and head.agent_id != agent_id:
+        return None
+    if endpoint.scope != "global" and endpoint.organization_id is not None \
+            and head.organization_id != endpoint.organization_id:
+        return None
+    return head if wants(patterns, head.event_type) else None
 
 
 async def _queue(js: JetStreamContext, settings: Settings, store: Store, endpoint: Endpoint,

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import Text, event, select, tuple_, type_coerce, update
+from sqlalchemy import ColumnElement, Text, event, select, tuple_, type_coerce, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -94,10 +94,12 @@ class Store:
 
     async def set_agent_webhook(
         self, agent_id: str, *, url: str, events: Sequence[str] = (), secret: str | None = None, enabled: bool = True,
+        organization_id: str | None = None,
     ) -> tuple[Endpoint, str | None]:
         """Create or replace the webhook of one agent. Returns ``(endpoint, new_secret)``: ``new_secret`` is the
         generated secret when none was given and the endpoint had none, else ``None``. ``endpoint.secret`` is the
-        encrypted token.
+        encrypted token. ``organization_id``: the agent's organization, set on a new webhook (an existing one keeps
+        its own).
 
         Raises ``ValueError`` naming the field for a bad URL (see :meth:`check_url`), a bad ``webhook_events``
         pattern or a secret shorter than 16 characters; nothing is written then.
@@ -111,6 +113,7 @@ class Store:
             if endpoint is None:
                 generated = None if secret else generate_secret()
                 endpoint = Endpoint(id=new_endpoint_id(), scope="agent", agent_id=agent_id,
+                                    organization_id=organization_id,
                                     secret=self.secret_box.encrypt(secret or generated), created_at=utcnow())
                 s.add(endpoint)
             elif secret:
@@ -204,7 +207,7 @@ class Store:
             now = utcnow()
             endpoint = Endpoint(
                 id=new_endpoint_id(), scope=scope, agent_id=agent_id if scope == "agent" else None,
-                organization_id=organization_id if scope == "organization" else None, url=url, events=patterns,
+                organization_id=organization_id if scope != "global" else None, url=url, events=patterns,
                 secret=self.secret_box.encrypt(secret or generated), enabled=enabled,
                 disabled_reason=None if enabled else "disabled by configuration", created_at=now, updated_at=now,
             )
@@ -257,9 +260,13 @@ class Store:
 
     async def list_endpoints(
         self, *, scope: str | None = None, agent_id: str | None = None, organization_id: str | None = None,
+        where: ColumnElement[bool] | None = None, offset: int = 0, limit: int | None = None,
     ) -> list[Endpoint]:
-        """Endpoints filtered by scope and owner (None: any), oldest first."""
-        stmt = select(Endpoint).order_by(Endpoint.created_at, Endpoint.id)
+        """Endpoints filtered by scope and owner (None: any) and ``where`` (a caller's scope,
+        :mod:`dispatcher.api.scoping`), oldest first; ``offset`` / ``limit`` take one page of them."""
+        stmt = select(Endpoint).order_by(Endpoint.created_at, Endpoint.id).offset(offset).limit(limit)
+        if where is not None:
+            stmt = stmt.where(where)
         for column, value in ((Endpoint.scope, scope), (Endpoint.agent_id, agent_id),
                               (Endpoint.organization_id, organization_id)):
             if value is not None:
@@ -332,7 +339,8 @@ SCOPES = ("agent", "organization", "global")
 
 def check_scope(scope: str, agent_id: str | None, organization_id: str | None) -> None:
     """Raise ``ValueError`` naming the field unless the owner ids fit the scope: ``agent`` needs ``agent_id``,
-    ``organization`` needs ``organization_id``, ``global`` takes neither."""
+    ``organization`` needs ``organization_id``, ``global`` takes neither. An agent endpoint may name its agent's
+    organization (``organization_id``): it then receives only that organization's events of the agent."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     if scope == "agent" and not agent_id:
@@ -341,8 +349,8 @@ def check_scope(scope: str, agent_id: str | None, organization_id: str | None) -
         raise ValueError("organization_id is required for scope 'organization'")
     if scope != "agent" and agent_id:
         raise ValueError(f"agent_id must be empty for scope {scope!r}")
-    if scope != "organization" and organization_id:
-        raise ValueError(f"organization_id must be empty for scope {scope!r}")
+    if scope == "global" and organization_id:
+        raise ValueError("organization_id must be empty for scope 'global'")
 
 
 def check_secret(secret: str | None) -> None:

@@ -122,3 +122,42 @@ class Attempt(Base):
     response_excerpt: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """A scoped API key (issue 13). Only the SHA-256 of the key is stored (``key_hash``, hex): a key is 32 random
+    bytes, so a fast hash is enough, and the key is never shown again after it is created. ``scope`` is
+    ``operator`` (everything), ``organization`` (``organization_id`` set) or ``agent`` (``agent_id`` set, with the
+    agent's ``organization_id`` when known); ``role`` is ``admin`` (change, retry, replay, rotate) or ``read``."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # the key's first characters, to recognise it in a listing
+    name: Mapped[str] = mapped_column(String(200), default="")
+    scope: Mapped[str] = mapped_column(String(16))
+    organization_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    agent_id: Mapped[str | None] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(8))
+    created_by: Mapped[str | None] = mapped_column(String(64))  # id of the key that created it; None: bootstrap
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class PortalSession(Base):
+    """A console session handed to a tenant (``POST /v1/portal-sessions``): the same scope and role fields as
+    :class:`ApiKey`, valid until ``expires_at`` unless revoked. Its token is signed (HMAC-SHA256, see
+    :mod:`dispatcher.api.portal`) and not stored at all: the row is what makes it revocable."""
+
+    __tablename__ = "portal_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    organization_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    agent_id: Mapped[str | None] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(8))
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -17,13 +17,19 @@ import base64
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import case, func, literal, select, text, tuple_, update
+from sqlalchemy import ColumnElement, case, func, literal, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from dispatcher.store.database import Store
 from dispatcher.store.models import (
-    BACKLOG_PREDICATE, FAILED_PREDICATE, Attempt, Delivery, DeliveryStatus, Endpoint, utcnow,
+    BACKLOG_PREDICATE,
+    FAILED_PREDICATE,
+    Attempt,
+    Delivery,
+    DeliveryStatus,
+    Endpoint,
+    utcnow,
 )
 
 #: Statuses a manual retry may start from; a pending or retrying delivery already has an attempt coming.
@@ -61,12 +67,15 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 async def list_deliveries(
     store: Store, *, agent_id: str | None = None, endpoint_id: str | None = None, status: str | None = None,
     event_type: str | None = None, since: datetime | None = None, until: datetime | None = None,
-    cursor: str | None = None, limit: int = 50,
+    cursor: str | None = None, limit: int = 50, where: ColumnElement[bool] | None = None,
 ) -> tuple[list[Delivery], str | None]:
     """One page of deliveries, newest first (``created_at`` then ``id``, descending), and the cursor of the next
     page (None on the last). Filters are equalities except ``since`` (inclusive) and ``until`` (exclusive) on
-    ``created_at``. Raises ``ValueError`` for a bad cursor."""
+    ``created_at``; ``where`` is one more condition (a caller's scope, :mod:`dispatcher.api.scoping`). Raises
+    ``ValueError`` for a bad cursor."""
     stmt = select(Delivery).order_by(Delivery.created_at.desc(), Delivery.id.desc()).limit(limit + 1)
+    if where is not None:
+        stmt = stmt.where(where)
     for column, value in ((Delivery.agent_id, agent_id), (Delivery.endpoint_id, endpoint_id),
                           (Delivery.status, status), (Delivery.event_type, event_type)):
         if value is not None:
@@ -96,13 +105,14 @@ async def get_delivery(store: Store, delivery_id: str) -> tuple[Delivery | None,
         return delivery, list((await s.execute(stmt)).scalars())
 
 
-async def failed_deliveries(store: Store, *, agent_id: str, since: datetime, endpoint_ids: Sequence[str] | None = None,
-                            limit: int = 1000) -> list[Delivery]:
-    """Failed deliveries of an agent's events created at or after ``since``, oldest first (at most ``limit``);
-    only to ``endpoint_ids`` when given."""
-    stmt = (select(Delivery).where(Delivery.agent_id == agent_id, text(FAILED_PREDICATE),
-                                   Delivery.created_at >= aware(since))
+async def failed_deliveries(store: Store, *, agent_id: str | None, since: datetime,
+                            endpoint_ids: Sequence[str] | None = None, limit: int = 1000) -> list[Delivery]:
+    """Failed deliveries of an agent's events (None: any agent's) created at or after ``since``, oldest first (at
+    most ``limit``); only to ``endpoint_ids`` when given."""
+    stmt = (select(Delivery).where(text(FAILED_PREDICATE), Delivery.created_at >= aware(since))
             .order_by(Delivery.created_at, Delivery.id).limit(limit))
+    if agent_id is not None:
+        stmt = stmt.where(Delivery.agent_id == agent_id)
     if endpoint_ids is not None:
         stmt = stmt.where(Delivery.endpoint_id.in_(list(endpoint_ids)))
     async with store.session() as s:

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ class SecretBox:
     itself is not shown). ``repr`` shows only the number of keys.
     """
 
-    __slots__ = ("_current", "_multi", "_count")
+    __slots__ = ("_current", "_multi", "_count", "_first_key")
 
     def __init__(self, keys: Sequence[str]) -> None:
         if isinstance(keys, (str, bytes)):
@@ -82,6 +84,8 @@ class SecretBox:
         self._current = fernets[0]
         self._multi = MultiFernet(fernets)
         self._count = len(fernets)
+        first = keys[0]
+        self._first_key = base64.urlsafe_b64decode(first.strip() if isinstance(first, (str, bytes)) else first)
 
     @classmethod
     def from_config(
@@ -100,6 +104,13 @@ class SecretBox:
         path = Path(key_file)
         log.warning("%s is not set: using the development key file %s", KEYS_SETTING, path)
         return cls([load_or_create_key(path)])
+
+    def derive_key(self, purpose: str) -> bytes:
+        """32 bytes for ``purpose`` (e.g. ``"portal-session"``), derived from the first key with HKDF-SHA256
+        (RFC 5869; ``info`` = ``letta-bus <purpose>``): a signing key of its own, never the encryption key itself.
+        Rotating the first key changes it."""
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=f"letta-bus {purpose}".encode()).derive(self._first_key)
 
     def __repr__(self) -> str:
         return f"SecretBox(<{self._count} key(s)>)"

@@ -166,3 +166,31 @@ def test_cli_without_a_key_is_refused(stack):
     r = subprocess.run([LETTA_BUS, "webhooks", "get", "agent-x"], cwd=stack["cwd"], env=env, capture_output=True,
                        text=True, timeout=30)
     assert r.returncode == 2 and "missing or invalid API key" in r.stderr and "HTTP 401" in r.stderr
+
+
+def test_scoped_keys_and_portal_links_from_the_cli(stack):
+    """keys create/list/revoke and portal create/revoke against `letta-bus up`; the scoped key works, then not."""
+    made = cli(stack, "keys", "create", "--scope", "organization", "--org", "org-cli", "--role", "read",
+               "--name", "tenant")
+    assert made.returncode == 0, made.stdout + made.stderr
+    key = made.stdout.strip().splitlines()[-1]
+    key_id = made.stdout.split()[1]
+    assert key.startswith("lbk_") and key_id.startswith("key_")
+    listed = cli(stack, "keys", "list")
+    assert listed.returncode == 0 and key_id in listed.stdout and key not in listed.stdout
+    seen = httpx.get(f"{stack['api']}/v1/webhooks", headers={"Authorization": f"Bearer {key}"}, timeout=5)
+    assert seen.status_code == 200 and seen.json()["data"] == []  # org-cli has no endpoints
+    bad = cli(stack, "keys", "create", "--scope", "organization", "--role", "read")
+    assert bad.returncode == 2 and "organization_id" in bad.stderr
+    assert cli(stack, "keys", "revoke", key_id).returncode == 0
+    assert httpx.get(f"{stack['api']}/v1/webhooks", headers={"Authorization": f"Bearer {key}"},
+                     timeout=5).status_code == 401
+    link = cli(stack, "portal", "create", "--scope", "organization", "--org", "org-cli", "--ttl", "60")
+    assert link.returncode == 0, link.stderr
+    url = link.stdout.strip().splitlines()[-1]
+    assert url.startswith(f"{stack['api']}/console/#token=lbp_"), url
+    session_id = link.stdout.split()[2]
+    assert cli(stack, "portal", "revoke", session_id).returncode == 0
+    token = url.partition("#token=")[2]
+    assert httpx.get(f"{stack['api']}/v1/webhooks", headers={"Authorization": f"Bearer {token}"},
+                     timeout=5).status_code == 401

@@ -87,5 +87,7 @@ async def test_scope_and_owner_must_fit(api):
     for method in ("GET", "PATCH", "DELETE"):
         r = await api.client.request(method, "/v1/webhooks/ep_missing", json={} if method == "PATCH" else None)
         assert r.status_code == 404, (method, r.text)
-    bad = await api.client.patch("/v1/webhooks/ep_missing", json={"url": "ftp://x"})
+    assert (await api.client.patch("/v1/webhooks/ep_missing", json={"url": "ftp://x"})).status_code == 404
+    agent_webhook = (await api.client.get("/v1/agents/agent-1/webhook")).json()["id"]
+    bad = await api.client.patch(f"/v1/webhooks/{agent_webhook}", json={"url": "ftp://x"})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "url"]
