@@ -46,6 +46,16 @@ def grant_of(body: GrantIn, principal: Principal) -> Grant:
     return grant
 
 
+async def revoke_within(principal: Principal, row, missing: str, revoke) -> Response:  # noqa: ANN001
+    """Revoke ``row`` (a key or a portal session) with ``revoke()`` when ``principal`` is an admin whose scope
+    reaches it: 403 for a ``read`` credential, 404 (``missing``) when there is none or it is outside the scope."""
+    principal.need_admin()
+    if row is None or not principal.grant.reaches(key_grant(row)):
+        raise not_found(missing)
+    await revoke()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
 @router.post("/v1/api-keys", response_model=ApiKeyOut, status_code=status.HTTP_201_CREATED,
              responses={403: {}, 422: {}})
 async def create_api_key(body: ApiKeyIn, ctx: ApiContext = Depends(get_ctx),
@@ -71,12 +81,8 @@ async def list_api_keys(include_revoked: bool = False, ctx: ApiContext = Depends
 @router.delete("/v1/api-keys/{key_id}", status_code=status.HTTP_204_NO_CONTENT, responses={403: {}, 404: {}})
 async def revoke_api_key(key_id: str, ctx: ApiContext = Depends(get_ctx), principal: Principal = Caller) -> Response:
     """Revoke a key: refused from the next request on. Idempotent."""
-    principal.need_admin()
-    row = await get_key(ctx.store, key_id)
-    if row is None or not principal.grant.reaches(key_grant(row)):
-        raise not_found(f"no API key {key_id}")
-    await revoke_key(ctx.store, key_id)
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return await revoke_within(principal, await get_key(ctx.store, key_id), f"no API key {key_id}",
+                               lambda: revoke_key(ctx.store, key_id))
 
 
 @router.post("/v1/portal-sessions", response_model=PortalSessionOut, status_code=status.HTTP_201_CREATED,
@@ -101,9 +107,5 @@ async def create_portal_session(body: PortalSessionIn, request: Request, ctx: Ap
 async def revoke_portal_session(session_id: str, ctx: ApiContext = Depends(get_ctx),
                                 principal: Principal = Caller) -> Response:
     """Revoke a portal session: its link and cookie are refused from the next request on. Idempotent."""
-    principal.need_admin()
-    row = await get_session(ctx.store, session_id)
-    if row is None or not principal.grant.reaches(key_grant(row)):
-        raise not_found(f"no portal session {session_id}")
-    await revoke_session(ctx.store, session_id)
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return await revoke_within(principal, await get_session(ctx.store, session_id),
+                               f"no portal session {session_id}", lambda: revoke_session(ctx.store, session_id))

@@ -314,12 +314,11 @@ class ApiKeyIn(GrantIn):
     name: str = Field("", max_length=200)
 
 
-class ApiKeyOut(BaseModel):
-    """A key as stored: never the key itself, except in ``key`` of the response that created it (shown once)."""
+class GrantOut(BaseModel):
+    """What a stored key and a portal session share: id, scope, role, owner ids, who created it, when, and when
+    it was revoked (None: live)."""
 
     id: str
-    name: str
-    prefix: str
     scope: AccessScope
     role: AccessRole
     organization_id: str | None
@@ -327,13 +326,24 @@ class ApiKeyOut(BaseModel):
     created_by: str | None
     created_at: datetime
     revoked_at: datetime | None
+
+    @staticmethod
+    def fields_of(row: Any) -> dict[str, Any]:  # dispatcher.store.models.ApiKey or PortalSession
+        return {"id": row.id, "scope": row.scope, "role": row.role, "organization_id": row.organization_id,
+                "agent_id": row.agent_id, "created_by": row.created_by, "created_at": aware(row.created_at),
+                "revoked_at": aware(row.revoked_at)}
+
+
+class ApiKeyOut(GrantOut):
+    """A key as stored: never the key itself, except in ``key`` of the response that created it (shown once)."""
+
+    name: str
+    prefix: str
     key: str | None = None
 
     @classmethod
     def of(cls, row: Any, key: str | None = None) -> "ApiKeyOut":  # dispatcher.store.models.ApiKey
-        return cls(id=row.id, name=row.name, prefix=row.prefix, scope=row.scope, role=row.role,
-                   organization_id=row.organization_id, agent_id=row.agent_id, created_by=row.created_by,
-                   created_at=aware(row.created_at), revoked_at=aware(row.revoked_at), key=key)
+        return cls(**cls.fields_of(row), name=row.name, prefix=row.prefix, key=key)
 
 
 class ApiKeyList(BaseModel):
@@ -347,24 +357,14 @@ class PortalSessionIn(GrantIn):
     ttl: int = Field(3600, ge=1, le=7 * 86400, description="seconds the link stays valid")
 
 
-class PortalSessionOut(BaseModel):
+class PortalSessionOut(GrantOut):
     """A portal session. ``url`` opens the console in its scope (the token after ``#`` never reaches a server
     log); ``token`` is the same credential, usable as a bearer token. Both only in the creating response."""
 
-    id: str
-    scope: AccessScope
-    role: AccessRole
-    organization_id: str | None
-    agent_id: str | None
-    created_by: str | None
-    created_at: datetime
     expires_at: datetime
-    revoked_at: datetime | None
     url: str | None = None
     token: str | None = None
 
     @classmethod
     def of(cls, row: Any, url: str | None = None, token: str | None = None) -> "PortalSessionOut":
-        return cls(id=row.id, scope=row.scope, role=row.role, organization_id=row.organization_id,
-                   agent_id=row.agent_id, created_by=row.created_by, created_at=aware(row.created_at),
-                   expires_at=aware(row.expires_at), revoked_at=aware(row.revoked_at), url=url, token=token)
+        return cls(**cls.fields_of(row), expires_at=aware(row.expires_at), url=url, token=token)
